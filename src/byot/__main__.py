@@ -1,0 +1,3 @@
+from byot.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""The ``byot`` command: argparse subcommands, each a short list of calls. The only place that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from byot import __version__
+from byot.config import TrainConfig
+from byot.data import DATASETS
+from byot.errors import ByotError
+from byot.models import list_models
+
+D = TrainConfig()  # defaults shown in --help
+DEMO = {"arch": "multi_resnet18_kd", "dataset": "digits", "image_size": 32, "width": 16, "epochs": 8,
+        "batch_size": 64, "lr": 0.05, "save_folder": "save_checkpoints/demo", "workers": 0}
+
+
+def _add_model_and_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, help=f"data set (default {D.dataset}; digits: the demo's)")
+    g.add_argument("--data-dir", help="folder with cifar-100-python/, cifar-10-batches-py/ or train/ + test/")
+    g.add_argument("--download", action="store_true", help="download CIFAR with torchvision (needs internet)")
+    g.add_argument("--image-size", type=int, help="px; default 32 for CIFAR, 224 for image folders")
+    g.add_argument("--workers", type=int, help=f"image-folder decoding processes (default {D.workers})")
+    g = p.add_argument_group("model (taken from the checkpoint with --resume; must agree if given)")
+    g.add_argument("--width", type=int, help=f"base channels (default {D.width}; 16 runs well on a CPU)")
+    g.add_argument("--stem", choices=("auto", "cifar", "imagenet"),
+                   help="cifar: 3x3/1; imagenet: 7x7/2 + max-pool; auto (default): imagenet from 64 px up")
+    g.add_argument("--no-distill", dest="distill", action="store_false",
+                   help="the plain backbone trained with cross-entropy only: the baseline")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, help=f"images per step (default {D.batch_size})")
+    g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    g.add_argument("--seed", type=int, help=f"seeds weights, order and augmentation (default {D.seed})")
+    g.add_argument("--resume", help="checkpoint to continue from (train) or to evaluate (test)")
+    g.add_argument("--save-folder", help=f"run directory = SAVE_FOLDER/ARCH (default {D.save_folder})")
+    g.add_argument("--config", dest="config_file", metavar="FILE.yaml",
+                   help="YAML file of options (names as the flags); flags given here override it")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epoch", "--epochs", dest="epochs", type=int, help=f"epochs (default {D.epochs})")
+    g.add_argument("--lr", type=float, help=f"initial learning rate (default {D.lr})")
+    g.add_argument("--momentum", type=float, help=f"SGD momentum (default {D.momentum})")
+    g.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default {D.weight_decay})")
+    g.add_argument("--schedule", choices=("step", "cosine"),
+                   help="step (default): lr x0.1 at 75/130/180 of 200 epochs, scaled; cosine")
+    g = p.add_argument_group("self-distillation")
+    g.add_argument("--temperature", type=float, help=f"softens the teacher (default {D.temperature})")
+    g.add_argument("--alpha", type=float, help=f"KD weight; labels get 1 - alpha (default {D.alpha})")
+    g.add_argument("--beta", type=float, help=f"feature-hint weight (default {D.beta})")
+    g = p.add_argument_group("output")
+    g.add_argument("--print-freq", type=int, help=f"steps between log lines (default {D.print_freq})")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds a run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="byot", description="Be Your Own Teacher: train and evaluate "
+                                     "multi-exit ResNets with self-distillation.")
+    parser.add_argument("--version", action="version", version=f"byot {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    arch_help = f"architecture: {', '.join(list_models())}"
+    train = sub.add_parser("train", help="train a network", argument_default=argparse.SUPPRESS)
+    train.add_argument("arch", help=arch_help)
+    _add_model_and_data(train)
+    _add_training(train)
+    test = sub.add_parser("test", help="evaluate a checkpoint on the test split",
+                          argument_default=argparse.SUPPRESS)
+    test.add_argument("arch", help=arch_help)
+    _add_model_and_data(test)
+    test.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    demo = sub.add_parser("demo", help="train a narrow multi_resnet18_kd on the bundled digits (CPU, minutes)",
+                          argument_default=argparse.SUPPRESS)
+    demo.add_argument("--epoch", "--epochs", dest="epochs", type=int, help=f"epochs (default {DEMO['epochs']})")
+    demo.add_argument("--save-folder", help=f"default {DEMO['save_folder']}")
+    demo.add_argument("--device", help="default: cuda when available, else cpu")
+    demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def _given(args: argparse.Namespace, *drop: str) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config_file", *drop)}
+
+
+def _setup_logging(progress_bar: bool) -> None:
+    root = logging.getLogger("byot")
+    root.setLevel(logging.DEBUG)
+    root.handlers.clear()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if progress_bar else logging.DEBUG)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    root.propagate = False
+
+
+def _log_to_file(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log_train.txt")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("byot").addHandler(handler)
+
+
+def _run_training(given: dict[str, Any], config_file: str | None, overwrite: bool) -> int:
+    from byot.engine.run import fit, resolve_config
+
+    cfg, checkpoint = resolve_config(given, config_file)
+    show_bar = cfg.progress and sys.stderr.isatty()
+    _setup_logging(show_bar)
+    cfg = _replace(cfg, progress=show_bar)
+    _log_to_file(cfg.run_dir)
+    records = fit(cfg, checkpoint, overwrite=overwrite)
+    if records:
+        print(format_table(records[-1]["exits"], records[-1]["ensemble"], None))
+        print(f"run directory: {cfg.run_dir}")
+    return 0
+
+
+def _replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overwrite = getattr(args, "overwrite", False)
+    return _run_training(_given(args, "overwrite"), getattr(args, "config_file", None), overwrite)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print("byot demo: multi_resnet18_kd (width 16) with self-distillation on scikit-learn's 8x8 digits, "
+          "upscaled to 32 px", file=sys.stderr)
+    return _run_training({**DEMO, **_given(args)}, None, overwrite=True)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from byot.engine.run import resolve_config, test_checkpoint
+
+    given = _given(args, "json")
+    if not given.get("resume"):
+        raise ByotError("byot test needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
+    _setup_logging(False)
+    cfg, checkpoint = resolve_config(given, getattr(args, "config_file", None))
+    result = test_checkpoint(cfg, checkpoint)
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    else:
+        print(f"{cfg.arch} on {cfg.dataset} test split ({result['num_images']} images), "
+              f"checkpoint epoch {result['epoch']}")
+        print(format_table(result["exits"], result["ensemble"], result["exits"]))
+    return 0
+
+
+def format_table(exits: list[dict], ensemble: dict, costs: list[dict] | None) -> str:
+    """Per-exit accuracy table; with ``costs`` a column of each exit's share of the full compute."""
+    head = f"{'exit':<9}{'top-1':>8}{'top-5':>8}" + (f"{'compute':>10}{'MFLOPs':>10}" if costs else "")
+    rows = [head]
+    for e in exits:
+        row = f"{e['exit']:<9}{e['top1']:>8.2f}{e['top5']:>8.2f}"
+        if costs:
+            row += f"{e['compute_share'] * 100:>9.0f}%{e['flops'] / 1e6:>10.1f}"
+        rows.append(row)
+    rows.append(f"{'ensemble':<9}{ensemble['top1']:>8.2f}{ensemble['top5']:>8.2f}")
+    return "\n".join(rows)
+
+
+COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ByotError as e:
+        print(f"byot: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("byot: interrupted; the last finished epoch's checkpoint_latest.pth.tar can be resumed with --resume",
+              file=sys.stderr)
+        return 130
+
+
+def _one_line(error: Exception) -> str:
+    # errors raised in DataLoader workers arrive wrapped in a traceback text: keep the user's line
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in str(error):
+        return lines[-1].split("ByotError: ", 1)[-1]
+    return " ".join(lines)

@@ -1,0 +1,94 @@
+"""Data sets -> batches of uint8 images on the device. ``build_data`` is the one entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from byot.data.batches import TensorBatches, batch_bounds
+from byot.data.cifar import load_cifar
+from byot.data.digits import load_digits
+from byot.data.folder import FolderBatches, find_split, index_folder
+from byot.data.images import ImageSet
+from byot.errors import ByotError
+
+# per-channel mean and std of the training images (the reference's CIFAR constants; ImageNet's)
+NORMALIZATION = {
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "digits": ((0.3059,) * 3, (0.3241,) * 3),  # measured on the digits' training split at 32 px
+}
+DATASETS = tuple(NORMALIZATION)
+
+
+class Batches(Protocol):
+    num_samples: int
+
+    def set_epoch(self, epoch: int) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass
+class DataBundle:
+    """Everything training and evaluation need to know about the data."""
+
+    train: Batches
+    test: Batches
+    classes: list[str]
+    image_size: int  # px, square
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: int | None, seed: int,
+               device: torch.device, workers: int = 0, download: bool = False,
+               eval_batch_size: int | None = None) -> DataBundle:
+    """Load ``dataset`` and wrap both splits in epoch-wise batch iterators on ``device``."""
+    if batch_size < 1:
+        raise ByotError(f"--batch-size must be at least 1, got {batch_size}")
+    eval_batch_size = eval_batch_size or batch_size
+    mean, std = NORMALIZATION[dataset]
+    if dataset == "imagefolder":
+        root = _existing_dir(data_dir, dataset)
+        size = image_size or 224
+        train_index = index_folder(find_split(root, ("train",)))
+        test_index = index_folder(find_split(root, ("test", "val")), train_index.classes)
+        return DataBundle(
+            FolderBatches(train_index, size, batch_size, True, seed, device, workers),
+            FolderBatches(test_index, size, eval_batch_size, False, seed, device, workers),
+            train_index.classes, size, mean, std)
+    if dataset == "digits":
+        train, test = load_digits(image_size or 32)
+    elif dataset in ("cifar10", "cifar100"):
+        if image_size not in (None, 32):
+            raise ByotError(f"{dataset} images are 32 px; --image-size {image_size} applies to image folders")
+        train, test = load_cifar(_existing_dir(data_dir, dataset, create=download), dataset, download)
+    else:
+        raise ByotError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return _tensor_bundle(train, test, batch_size, eval_batch_size, seed, device, mean, std)
+
+
+def _tensor_bundle(train: ImageSet, test: ImageSet, batch_size: int, eval_batch_size: int, seed: int,
+                   device: torch.device, mean: tuple, std: tuple) -> DataBundle:
+    return DataBundle(TensorBatches(train, batch_size, True, seed, device),
+                      TensorBatches(test, eval_batch_size, False, seed, device),
+                      train.classes, train.images.shape[-1], mean, std)
+
+
+def _existing_dir(data_dir: str | None, dataset: str, create: bool = False) -> Path:
+    if not data_dir:
+        raise ByotError(f"--data-dir is required for --dataset {dataset}")
+    path = Path(data_dir).expanduser()
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+        raise ByotError(f"--data-dir {data_dir} does not exist or is not a folder")
+    return path
+
+
+__all__ = ["DATASETS", "NORMALIZATION", "Batches", "DataBundle", "ImageSet", "batch_bounds", "build_data"]

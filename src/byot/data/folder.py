@@ -1,0 +1,167 @@
+"""Image folders: ``root/train/<class>/*.jpg`` and ``root/test/<class>/`` (or ``val/``).
+
+Images of any size and mode are decoded with PIL, converted to 8-bit RGB and sized to
+``image_size`` per sample in DataLoader workers, then batched as uint8 like the tensor data sets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from byot.data.batches import batch_bounds, epoch_generator, epoch_order
+from byot.errors import ByotError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+RESIZE_RATIO = 0.875  # test images: resize the short side to size / 0.875, then centre-crop
+
+
+@dataclass
+class FolderIndex:
+    """The files of one split and their labels; classes are the sorted folder names."""
+
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+
+def find_split(root: Path, names: tuple[str, ...]) -> Path:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise ByotError(f"{root} has no {' or '.join(n + '/' for n in names)} folder; an image folder data set needs "
+                    f"{root}/train/<class>/ and {root}/test/<class>/ (byot split makes them)")
+
+
+def index_folder(split_dir: Path, classes: list[str] | None = None) -> FolderIndex:
+    """List ``split_dir/<class>/<image>``; hidden entries and non-image files are ignored."""
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        classes = found
+    elif found != classes:
+        missing = sorted(set(classes) - set(found))
+        extra = sorted(set(found) - set(classes))
+        raise ByotError(f"class folders of {split_dir} differ from the training split's: "
+                        f"missing {missing or 'none'}, extra {extra or 'none'}")
+    if not classes:
+        raise ByotError(f"{split_dir} holds no class folders")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (split_dir / name).iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ByotError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += files
+        labels += [label] * len(files)
+    return FolderIndex(paths, labels, classes)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: EXIF orientation applied, 16-bit and float scaled (not clipped)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))  # transparent -> black
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def _random_resized_crop_box(width: int, height: int, g: torch.Generator) -> tuple[int, int, int, int]:
+    """(left, top, w, h) as torchvision's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3))."""
+    area = width * height
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        r = torch.rand(3, generator=g).tolist()
+        target = area * (0.08 + r[0] * (1.0 - 0.08))
+        aspect = math.exp(log_ratio[0] + r[1] * (log_ratio[1] - log_ratio[0]))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(r[2] * (width - w + 1))
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            return left, top, w, h
+    side = min(width, height)  # fallback: the centre square
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Item ``(index, seed)`` -> (uint8 (3, S, S) image, label); ``seed`` None means evaluation."""
+
+    def __init__(self, index: FolderIndex, image_size: int) -> None:
+        self.index, self.image_size = index, image_size
+
+    def __len__(self) -> int:
+        return len(self.index.paths)
+
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
+        i, seed = key
+        path = self.index.paths[i]
+        try:
+            with Image.open(path) as raw:
+                image = to_rgb(raw)
+        except Exception as e:  # truncated, corrupt or not an image at all
+            raise ByotError(f"cannot read image {path}: {e}") from e
+        s = self.image_size
+        if seed is None:
+            short = round(s / RESIZE_RATIO)
+            scale = short / min(image.size)
+            image = image.resize((max(s, round(image.width * scale)), max(s, round(image.height * scale))),
+                                 Image.BILINEAR)
+            left, top = (image.width - s) // 2, (image.height - s) // 2
+            image = image.crop((left, top, left + s, top + s))
+        else:
+            g = torch.Generator().manual_seed(seed)
+            left, top, w, h = _random_resized_crop_box(image.width, image.height, g)
+            image = image.resize((s, s), Image.BILINEAR, box=(left, top, left + w, top + h))
+            if torch.rand(1, generator=g).item() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.uint8)  # (S, S, 3)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1), self.index.labels[i]
+
+
+class _EpochBatchSampler:
+    def __init__(self, owner: "FolderBatches") -> None:
+        self.owner = owner
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
+        o = self.owner
+        g = epoch_generator(o.seed, o.epoch)
+        order = epoch_order(o.num_samples, o.train, g).tolist()
+        seeds = torch.randint(0, 2**62, (o.num_samples,), generator=g).tolist() if o.train else None
+        for start, end in batch_bounds(o.num_samples, o.batch_size, o.train):
+            yield [(i, seeds[i] if seeds else None) for i in order[start:end]]
+
+
+class FolderBatches:
+    """Batches of an image folder: same interface as TensorBatches (``set_epoch``, ``len``, iterate)."""
+
+    def __init__(self, index: FolderIndex, image_size: int, batch_size: int, train: bool, seed: int,
+                 device: torch.device, workers: int) -> None:
+        self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, device
+        self.epoch = 0
+        self.num_samples = len(index.paths)
+        self.loader = torch.utils.data.DataLoader(
+            FolderDataset(index, image_size), batch_sampler=_EpochBatchSampler(self), num_workers=workers,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(batch_bounds(self.num_samples, self.batch_size, self.train))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

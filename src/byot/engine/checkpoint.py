@@ -1,0 +1,55 @@
+"""Checkpoints: written atomically (temp file + rename), read with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from byot.errors import ByotError
+
+FORMAT = "byot-checkpoint-v1"
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` so that a crash leaves either the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ByotError(f"could not write checkpoint {path}: {e.strerror or e}; the previous file is intact") from e
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a byot checkpoint on the CPU. Plain tensors and containers only: a file cannot run code."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ByotError(f"no checkpoint at {path}; pass --resume PATH of a .pth.tar file a byot run wrote")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or holds objects weights_only refuses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ByotError(f"cannot read checkpoint {path} (truncated, corrupt or not a byot checkpoint): {first}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ByotError(f"{path} is not a byot checkpoint (no '{FORMAT}' marker)")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Global torch RNG states (data randomness is derived from (seed, epoch) and needs none)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,44 @@
+"""Evaluation: per-exit and ensemble top-1/top-5 (inference kept apart from scoring)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from byot.data import Batches
+from byot.data.transforms import normalize
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """(B, K) logits, (B,) targets -> (len(ks),) counts of samples whose label is in the top k."""
+    top = logits.topk(max(ks), dim=1).indices  # (B, max k)
+    hits = top == targets[:, None]  # (B, max k)
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Batches, mean: torch.Tensor, std: torch.Tensor,
+             exit_ids: Sequence[int]) -> dict[str, Any]:
+    """Accuracy (percent) of every exit and of the ensemble (mean of the exits' softmax).
+
+    Counts accumulate on the device; the host reads them once, at the end.
+    """
+    model.eval()
+    ks: tuple[int, ...] = ()
+    correct: torch.Tensor | None = None  # (num_exits + 1, len(ks)): exits, then the ensemble
+    seen = 0
+    for images, targets in batches:
+        logits = model(normalize(images, mean, std)).logits
+        if correct is None:
+            ks = (1, min(5, logits[0].shape[1]))
+            correct = torch.zeros(len(logits) + 1, 2, dtype=torch.long, device=targets.device)
+        ensemble = torch.stack([z.float().softmax(dim=1) for z in logits]).mean(dim=0)  # (B, K)
+        correct += torch.stack([topk_correct(z, targets, ks) for z in [*logits, ensemble]])
+        seen += len(targets)
+    if correct is None:
+        return {"num_images": 0, "exits": [], "ensemble": {"top1": 0.0, "top5": 0.0}}
+    acc = (correct.double() * 100.0 / seen).tolist()
+    exits = [{"exit": k, "top1": a[0], "top5": a[1]} for k, a in zip(exit_ids, acc)]
+    return {"num_images": seen, "exits": exits, "ensemble": {"top1": acc[-1][0], "top5": acc[-1][1]}}

@@ -1,0 +1,250 @@
+"""Whole runs: resolve the config (with a checkpoint's), build model and data, fit, test."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from byot import __version__
+from byot.config import TrainConfig, build_config, check_model_options, config_to_dict, load_yaml, save_yaml
+from byot.data import DataBundle, build_data
+from byot.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from byot.engine.cost import exit_costs
+from byot.engine.evaluate import evaluate
+from byot.engine.train import lr_at, train_one_epoch
+from byot.errors import ByotError
+from byot.losses import SelfDistillLoss
+from byot.models import MultiExitResNet, create_model
+from byot.models.resnet import stage_sizes
+
+log = logging.getLogger("byot")
+
+LATEST, BEST, METRICS = "checkpoint_latest.pth.tar", "model_best.pth.tar", "metrics.jsonl"
+
+
+def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, dict | None]:
+    """defaults -> checkpoint's config (with --resume) -> YAML file -> flags; returns (config, checkpoint)."""
+    explicit = {**(load_yaml(config_file) if config_file else {}), **given}
+    if not explicit.get("resume"):
+        return build_config({}, explicit), None
+    checkpoint = load_checkpoint(explicit["resume"])
+    saved = dict(checkpoint.get("config", {}))
+    check_model_options(saved, explicit, explicit["resume"])
+    saved.pop("device", None)  # where it ran before says nothing about where it runs now
+    return build_config(saved, explicit), checkpoint
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """None -> cuda when available, else cpu; a named device must exist."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ByotError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ByotError(f"--device {name} asked for, but torch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
+def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> MultiExitResNet:
+    return create_model(cfg.arch, num_classes, width=cfg.width, stem=cfg.stem, image_size=image_size,
+                        exits=cfg.distill)
+
+
+def load_data(cfg: TrainConfig, device: torch.device) -> DataBundle:
+    return build_data(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.image_size, cfg.seed, device,
+                      cfg.workers, cfg.download)
+
+
+def build_loss(cfg: TrainConfig) -> SelfDistillLoss:
+    # the plain backbone has one exit: no teacher, no KD, no hint, cross-entropy only
+    if not cfg.distill:
+        return SelfDistillLoss(alpha=0.0, beta=0.0, temperature=cfg.temperature)
+    return SelfDistillLoss(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature)
+
+
+def _check_checkpoint_fits(checkpoint: dict, data: DataBundle, source: str) -> None:
+    if checkpoint["num_classes"] != len(data.classes):
+        raise ByotError(f"{source} has {checkpoint['num_classes']} classes but the data has {len(data.classes)}; "
+                        "use the data set it was trained on")
+
+
+def _norm_tensors(data: DataBundle, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
+
+
+def _check_single_sample_batches(model: MultiExitResNet, data: DataBundle) -> None:
+    # BatchNorm cannot train on one value per channel: a 1-image batch needs maps larger than 1x1.
+    if min(data.train.batch_size, data.train.num_samples) > 1:
+        return
+    if stage_sizes(model.spec.stem, data.image_size)[-1] < 2:
+        raise ByotError(f"training batches of one image at {data.image_size} px leave 1x1 feature maps, which "
+                        "BatchNorm cannot normalise; use --batch-size 2 or more, or a larger --image-size")
+
+
+def _prepare_run_dir(cfg: TrainConfig, resuming: bool, overwrite: bool) -> Path:
+    run_dir = cfg.run_dir
+    if not resuming and (run_dir / LATEST).exists() and not overwrite:
+        raise ByotError(f"{run_dir} already holds a run; continue it with --resume {run_dir / LATEST}, "
+                        "or choose another --save-folder, or add --overwrite")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe = run_dir / ".write-probe"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ByotError(f"cannot write to the run directory {run_dir}: {e.strerror}") from e
+    return run_dir
+
+
+def _trim_metrics(path: Path, last_epoch: int) -> None:
+    """Keep the metrics of epochs the checkpoint has seen (a crash may have logged one more)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _open_tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: no event files are written (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(run_dir))
+
+
+def _write_tensorboard(writer: Any, record: dict[str, Any]) -> None:
+    if writer is None:
+        return
+    step = record["epoch"]
+    writer.add_scalar("lr", record["lr"], step)
+    for name, value in record["losses"].items():
+        writer.add_scalar(f"train/{name}", value, step)
+    for e in record["exits"]:
+        writer.add_scalar(f"test/top1_exit{e['exit']}", e["top1"], step)
+    writer.add_scalar("test/top1_ensemble", record["ensemble"]["top1"], step)
+    writer.add_scalar("train/images_per_s", record["train_images_per_s"], step)
+    writer.flush()
+
+
+def epoch_summary(record: dict[str, Any], epochs: int) -> str:
+    """The one-line summary printed after each epoch."""
+    exits = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in record["exits"])
+    return (f"epoch {record['epoch']}/{epochs} lr {record['lr']:.4g} loss {record['losses'].get('loss', 0.0):.4f}"
+            f" | test top-1 {exits} ensemble {record['ensemble']['top1']:.2f}"
+            f" | {record['train_images_per_s']:.0f} img/s, {record['epoch_seconds']:.1f} s")
+
+
+def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = False,
+        stop_after: int | None = None, on_epoch: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
+    """Train ``cfg`` (continuing ``checkpoint`` when given); returns one record per epoch run.
+
+    ``stop_after`` ends the run after that many epochs of this call (an interruption, for tests).
+    """
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg, device)
+    model = build_model(cfg, len(data.classes), data.image_size).to(device)
+    _check_single_sample_batches(model, data)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    start_epoch, best = 0, 0.0
+    if checkpoint is not None:
+        _check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"])
+        start_epoch, best = checkpoint["epoch"], checkpoint["best_top1"]
+        log.info("resumed from %s at epoch %d (best deepest-exit top-1 %.2f)", cfg.resume, start_epoch, best)
+    run_dir = _prepare_run_dir(cfg, checkpoint is not None, overwrite)
+    save_yaml(cfg, run_dir / "config.yaml", {"num_classes": len(data.classes), "byot_version": __version__})
+    _trim_metrics(run_dir / METRICS, start_epoch) if checkpoint is not None else (run_dir / METRICS).unlink(
+        missing_ok=True)
+    _log_start(cfg, model, data, device)
+    mean, std = _norm_tensors(data, device)
+    loss_fn, writer, records = build_loss(cfg), _open_tensorboard(run_dir), []
+    for epoch in range(start_epoch, cfg.epochs):
+        if stop_after is not None and len(records) >= stop_after:
+            break
+        record = _run_epoch(cfg, model, data, optimizer, loss_fn, mean, std, epoch)
+        best = max(best, record["exits"][-1]["top1"])
+        record["best_top1"] = best
+        state = _checkpoint_state(cfg, model, optimizer, data, epoch + 1, best)
+        save_checkpoint(state, run_dir / LATEST)
+        if record["exits"][-1]["top1"] >= best:
+            save_checkpoint(state, run_dir / BEST)
+        with open(run_dir / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        _write_tensorboard(writer, record)
+        log.info(epoch_summary(record, cfg.epochs))
+        records.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    if writer is not None:
+        writer.close()
+    return records
+
+
+def _run_epoch(cfg: TrainConfig, model: MultiExitResNet, data: DataBundle, optimizer: torch.optim.Optimizer,
+               loss_fn: SelfDistillLoss, mean: torch.Tensor, std: torch.Tensor, epoch: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    lr = lr_at(epoch, cfg.lr, cfg.epochs, cfg.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    data.train.set_epoch(epoch)
+    stats = train_one_epoch(model, data.train, optimizer, loss_fn, mean, std, model.exit_stages, epoch,
+                            cfg.print_freq, cfg.progress)
+    for name, value in stats["losses"].items():
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ByotError(f"loss term {name} became non-finite in epoch {epoch + 1}; the last good checkpoint "
+                            f"is kept; try a lower --lr (now {cfg.lr})")
+    result = evaluate(model, data.test, mean, std, model.exit_stages)
+    return {"epoch": epoch + 1, "lr": lr, "losses": stats["losses"],
+            "train_top1": stats["train_top1"], "exits": result["exits"], "ensemble": result["ensemble"],
+            "epoch_seconds": time.perf_counter() - start, "train_seconds": stats["seconds"],
+            "train_images_per_s": stats["images"] / max(stats["seconds"], 1e-9)}
+
+
+def _checkpoint_state(cfg: TrainConfig, model: MultiExitResNet, optimizer: torch.optim.Optimizer,
+                      data: DataBundle, epoch: int, best: float) -> dict[str, Any]:
+    return {"version": __version__, "arch": cfg.arch, "num_classes": len(data.classes), "classes": data.classes,
+            "image_size": data.image_size, "config": config_to_dict(cfg), "epoch": epoch, "best_top1": best,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": {"kind": cfg.schedule, "lr": lr_at(min(epoch, cfg.epochs - 1), cfg.lr, cfg.epochs,
+                                                            cfg.schedule)},
+            "rng": rng_state()}
+
+
+def _log_start(cfg: TrainConfig, model: MultiExitResNet, data: DataBundle, device: torch.device) -> None:
+    params = sum(p.numel() for p in model.parameters())
+    log.info("%s (%s stem, width %d, %d exits, %.2fM parameters) on %s; %s: %d train / %d test images, "
+             "%d classes, %d px; run directory %s", cfg.arch, model.spec.stem, cfg.width, model.num_exits,
+             params / 1e6, device, cfg.dataset, data.train.num_samples, data.test.num_samples,
+             len(data.classes), data.image_size, cfg.run_dir)
+    log.info("test-set evaluation every epoch selects model_best.pth.tar: its accuracy is an optimistic "
+             "estimate of performance on unseen data")
+
+
+def test_checkpoint(cfg: TrainConfig, checkpoint: dict) -> dict[str, Any]:
+    """Evaluate a checkpoint on the test split: per-exit and ensemble accuracy plus per-exit cost."""
+    device = resolve_device(cfg.device)
+    data = load_data(cfg, device)
+    _check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
+    model = build_model(cfg, len(data.classes), data.image_size)
+    model.load_state_dict(checkpoint["model"])
+    model.to(device)
+    mean, std = _norm_tensors(data, device)
+    result = evaluate(model, data.test, mean, std, model.exit_stages)
+    costs = exit_costs(model, data.image_size)
+    full = costs[-1]["flops"]
+    for e, c in zip(result["exits"], costs):
+        e.update(flops=c["flops"], params=c["params"], compute_share=c["flops"] / full)
+    return {"arch": cfg.arch, "dataset": cfg.dataset, "epoch": checkpoint.get("epoch"), **result}
