@@ -16,7 +16,7 @@ from byot.errors import ByotError
 from byot.models import list_models
 
 D = TrainConfig()  # defaults shown in --help
-DEMO = {"arch": "multi_resnet18_kd", "dataset": "digits", "image_size": 32, "width": 16, "epochs": 8,
+DEMO = {"arch": "multi_resnet18_kd", "dataset": "digits", "image_size": 32, "width": 16, "epochs": 15,
         "batch_size": 64, "lr": 0.05, "save_folder": "save_checkpoints/demo", "workers": 0}
 
 

@@ -14,14 +14,15 @@ class BottleneckExit(nn.Module):
     the pooled feature is directly comparable with the deepest exit's (the hint loss needs that).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, num_classes: int,
+                 padding: int = 0) -> None:
         super().__init__()
         mid = max(out_channels // 4, 1)  # the reference's bottleneck ratio
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, mid, kernel_size=1),
             nn.BatchNorm2d(mid),
             nn.ReLU(inplace=True),
-            nn.Conv2d(mid, mid, kernel_size=stride, stride=stride),
+            nn.Conv2d(mid, mid, kernel_size=stride, stride=stride, padding=padding),
             nn.BatchNorm2d(mid),
             nn.ReLU(inplace=True),
             nn.Conv2d(mid, out_channels, kernel_size=1),

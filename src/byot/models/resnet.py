@@ -104,6 +104,16 @@ def stage_sizes(stem: str, image_size: int) -> list[int]:
     return sizes
 
 
+def exit_stride_padding(size: int, last_size: int) -> tuple[int, int]:
+    """Kernel = stride k and padding p of an exit's strided conv mapping ``size`` px to ``last_size`` px.
+
+    k = ceil(size / last): the smallest stride that reaches the last stage's size; p pads the map to
+    k * last so that floor((size + 2p - k) / k) + 1 == last exactly, for any input size.
+    """
+    k = math.ceil(size / last_size)
+    return k, math.ceil((k * last_size - size) / 2)
+
+
 @dataclass(frozen=True)
 class ResNetSpec:
     """Everything that fixes a multi-exit ResNet's weights' shapes (saved in every checkpoint)."""
@@ -138,11 +148,10 @@ class MultiExitResNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         sizes = stage_sizes(spec.stem, spec.image_size)
         if spec.exits:
-            # kernel = stride = how many times larger stage i's map is than the last stage's
-            strides = [max(1, sizes[i] // sizes[3]) for i in range(3)]
-            heads: list[nn.Module] = [
-                BottleneckExit(channels[i], channels[3], strides[i], spec.num_classes) for i in range(3)
-            ]
+            heads: list[nn.Module] = []
+            for i in range(3):
+                stride, padding = exit_stride_padding(sizes[i], sizes[3])
+                heads.append(BottleneckExit(channels[i], channels[3], stride, spec.num_classes, padding))
         else:
             heads = []
         heads.append(BackboneHead(channels[3], spec.num_classes))

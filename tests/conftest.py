@@ -1,0 +1,76 @@
+"""Shared fixtures: small subsets of the real data sets in ../shared/data, in their real formats."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CIFAR100_TAR = SHARED_DATA / "cifar-100-python.tar.xz"
+CIFAR10_JPG_TAR = SHARED_DATA / "cifar10-jpg.tar.gz"
+
+
+def _need(path: Path) -> None:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (../shared/data beside the checkout)")
+
+
+@pytest.fixture(scope="session")
+def cifar100_full(tmp_path_factory) -> dict:
+    """The real CIFAR-100 pickles, unpacked once per session: {"train": dict, "test": dict, "meta": dict}."""
+    _need(CIFAR100_TAR)
+    out = {}
+    with tarfile.open(CIFAR100_TAR, "r:xz") as tar:
+        for member in tar.getmembers():
+            if member.isfile():
+                out[Path(member.name).name] = pickle.load(io.BytesIO(tar.extractfile(member).read()),
+                                                           encoding="latin1")
+    return out
+
+
+def write_cifar100_subset(root: Path, full: dict, n_train: int, n_test: int) -> Path:
+    """A cifar-100-python/ folder with the first n_train training images and n_test test images
+    taken evenly over the class-ordered test split, written as the standard pickles (str keys)."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    test_idx = np.linspace(0, len(full["test"]["data"]) - 1, n_test).round().astype(int)
+    for name, idx in (("train", np.arange(n_train)), ("test", test_idx)):
+        d = full[name]
+        subset = {"data": d["data"][idx], "fine_labels": [d["fine_labels"][i] for i in idx],
+                  "coarse_labels": [d["coarse_labels"][i] for i in idx]}
+        (folder / name).write_bytes(pickle.dumps(subset))
+    (folder / "meta").write_bytes(pickle.dumps(full["meta"]))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar100_small(cifar100_full, tmp_path_factory) -> Path:
+    """--data-dir of a real CIFAR-100 subset: 300 training images (odd batches), 101 test images."""
+    return write_cifar100_subset(tmp_path_factory.mktemp("cifar100"), cifar100_full, 300, 101)
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpg(tmp_path_factory) -> Path:
+    """Real CIFAR-10 JPEGs: train/<class>/ with 12 per class and test/<class>/ with 4 per class."""
+    _need(CIFAR10_JPG_TAR)
+    root = tmp_path_factory.mktemp("cifar10jpg")
+    quota = {"train": 12, "test": 4}
+    taken: dict[tuple[str, str], int] = {}
+    with tarfile.open(CIFAR10_JPG_TAR, "r:gz") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 3 or parts[0] not in quota:
+                continue
+            key = (parts[0], parts[1])
+            if taken.get(key, 0) >= quota[parts[0]]:
+                continue
+            taken[key] = taken.get(key, 0) + 1
+            target = root.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    return root

@@ -1,0 +1,109 @@
+"""The self-distillation loss against golden values computed independently in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from byot import SelfDistillLoss
+from byot.losses import cross_entropy, feature_hint, soft_cross_entropy
+from byot.models import MultiExitOutput
+
+
+def np_log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def np_reference_loss(logits, features, y, alpha, beta, T) -> dict[str, float]:
+    """The reference's formula written out in float64 numpy."""
+    out = {}
+    n = len(y)
+    for i, z in enumerate(logits, start=1):
+        out[f"ce/exit{i}"] = -np_log_softmax(z)[np.arange(n), y].mean()
+    p = np.exp(np_log_softmax(logits[-1] / T))
+    for i in range(1, len(logits)):
+        out[f"kd/exit{i}"] = -(p * np_log_softmax(logits[i - 1] / T)).sum(axis=1).mean()
+        f, ft = features[i - 1], features[-1]
+        out[f"hint/exit{i}"] = (((f - ft) ** 2) * ((f > 0) | (ft > 0))).sum()
+    k = len(logits)
+    total = (1 - alpha) * sum(out[f"ce/exit{i}"] for i in range(1, k + 1))
+    total += alpha * T**2 * sum(out[f"kd/exit{i}"] for i in range(1, k))
+    total += beta * sum(out[f"hint/exit{i}"] for i in range(1, k))
+    out["loss"] = total
+    return out
+
+
+def test_hand_computed_two_class_case():
+    # exit 1 logits (0, 0), teacher (exit 2) logits (ln 3, 0), label 0, T = 1:
+    # CE1 = ln 2; CE2 = -ln(3/4); KD1 = -(3/4 ln 1/2 + 1/4 ln 1/2) = ln 2
+    # features f1 = (1, -1), f2 = (0, -2): mask (T, F) -> hint = 1
+    out = MultiExitOutput(
+        logits=[torch.tensor([[0.0, 0.0]]), torch.tensor([[np.log(3.0), 0.0]])],
+        features=[torch.tensor([[1.0, -1.0]]), torch.tensor([[0.0, -2.0]])],
+    )
+    terms = SelfDistillLoss(alpha=0.5, beta=0.25, temperature=1.0)(out, torch.tensor([0]))
+    ln2, ce2 = np.log(2.0), -np.log(0.75)
+    assert terms["ce/exit1"].item() == pytest.approx(ln2, abs=1e-6)
+    assert terms["ce/exit2"].item() == pytest.approx(ce2, abs=1e-6)
+    assert terms["kd/exit1"].item() == pytest.approx(ln2, abs=1e-6)
+    assert terms["hint/exit1"].item() == pytest.approx(1.0, abs=1e-6)
+    assert terms["loss"].item() == pytest.approx(0.5 * (ln2 + ce2) + 0.5 * ln2 + 0.25, abs=1e-6)
+
+
+@pytest.mark.parametrize("alpha,beta,T", [(0.1, 1e-6, 3.0), (0.5, 0.01, 1.0), (0.0, 0.0, 4.0), (1.0, 0.1, 2.0)])
+def test_matches_numpy_reference(alpha, beta, T):
+    rng = np.random.default_rng(0)
+    B, K, C = 7, 5, 6
+    logits = [rng.normal(size=(B, K)) * 3 for _ in range(4)]
+    features = [rng.normal(size=(B, C)) for _ in range(4)]
+    y = rng.integers(0, K, size=B)
+    expected = np_reference_loss(logits, features, y, alpha, beta, T)
+    out = MultiExitOutput([torch.tensor(z, dtype=torch.float32) for z in logits],
+                          [torch.tensor(f, dtype=torch.float32) for f in features])
+    terms = SelfDistillLoss(alpha, beta, T)(out, torch.tensor(y))
+    assert set(terms) == set(expected)
+    for name, value in expected.items():
+        assert terms[name].item() == pytest.approx(value, rel=1e-5, abs=1e-5), name
+
+
+def test_alpha_zero_beta_zero_is_deep_supervision():
+    torch.manual_seed(0)
+    logits = [torch.randn(4, 3) for _ in range(4)]
+    y = torch.tensor([0, 1, 2, 1])
+    out = MultiExitOutput(logits, [torch.randn(4, 8) for _ in range(4)])
+    terms = SelfDistillLoss(alpha=0.0, beta=0.0)(out, y)
+    expected = sum(torch.nn.functional.cross_entropy(z, y) for z in logits)
+    assert torch.allclose(terms["loss"], expected)
+
+
+def test_teacher_gets_no_gradient_from_kd_or_hint():
+    torch.manual_seed(0)
+    logits = [torch.randn(4, 3, requires_grad=True) for _ in range(4)]
+    feats = [torch.randn(4, 8, requires_grad=True) for _ in range(4)]
+    # alpha = 1: the labels' weight is 0, so the teacher could only learn through KD / hint
+    SelfDistillLoss(alpha=1.0, beta=1.0)(MultiExitOutput(logits, feats), torch.tensor([0, 1, 2, 1]))["loss"].backward()
+    assert logits[-1].grad is None or torch.count_nonzero(logits[-1].grad) == 0
+    assert feats[-1].grad is None or torch.count_nonzero(feats[-1].grad) == 0
+    assert all(torch.count_nonzero(z.grad) > 0 for z in logits[:-1])
+    assert all(torch.count_nonzero(f.grad) > 0 for f in feats[:-1])
+
+
+def test_pure_functions_and_exit_names():
+    z = torch.tensor([[2.0, 0.0, -1.0]])
+    assert cross_entropy(z, torch.tensor([0])).item() == pytest.approx(-np_log_softmax(z.numpy())[0, 0], rel=1e-6)
+    p = torch.tensor([[1.0, 0.0, 0.0]])
+    assert soft_cross_entropy(z, p, 2.0).item() == pytest.approx(-np_log_softmax(z.numpy() / 2)[0, 0], rel=1e-6)
+    # both negative -> masked out entirely
+    assert feature_hint(torch.tensor([[-1.0, 2.0]]), torch.tensor([[-3.0, 0.0]])).item() == pytest.approx(4.0)
+    single = MultiExitOutput([torch.randn(2, 3)], [torch.randn(2, 4)])
+    terms = SelfDistillLoss(alpha=0.0, beta=0.0)(single, torch.tensor([0, 2]), exit_ids=[4])
+    assert set(terms) == {"loss", "ce/exit4"}
+
+
+def test_rejects_bad_weights():
+    with pytest.raises(ValueError):
+        SelfDistillLoss(alpha=1.5)
+    with pytest.raises(ValueError):
+        SelfDistillLoss(temperature=0.0)
