@@ -29,7 +29,8 @@ def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str) -> float:
     """
     if schedule == "cosine":
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    milestones = [round(m * epochs / REFERENCE_EPOCHS) for m in REFERENCE_MILESTONES]
+    # at least epoch 1: a short run never starts below the base rate
+    milestones = [max(1, round(m * epochs / REFERENCE_EPOCHS)) for m in REFERENCE_MILESTONES]
     return base_lr * 0.1 ** sum(epoch >= m for m in milestones)
 
 
@@ -81,4 +82,4 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
 def _progress_bar(total: int, epoch: int) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr)
