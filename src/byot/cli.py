@@ -36,6 +36,12 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, help=f"images per step (default {D.batch_size})")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
+                   help="mixed precision (default auto: bf16 on GPUs and CPUs that run it natively, fp16 on "
+                        "older GPUs, else off)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep NCHW memory format (channels-last is faster on oneDNN CPUs and tensor-core GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (eager if it fails)")
     g.add_argument("--seed", type=int, help=f"seeds weights, order and augmentation (default {D.seed})")
     g.add_argument("--resume", help="checkpoint to continue from (train) or to evaluate (test)")
     g.add_argument("--save-folder", help=f"run directory = SAVE_FOLDER/ARCH (default {D.save_folder})")
@@ -82,7 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--save-folder", help=f"default {DEMO['save_folder']}")
     demo.add_argument("--device", help="default: cuda when available, else cpu")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    bench = sub.add_parser("bench", help="training and per-exit inference speed on synthetic input")
+    bench.add_argument("arch", help=arch_help)
+    bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if any)")
+    bench.add_argument("--batch-size", type=int, default=128)
+    bench.add_argument("--image-size", type=int, default=32, help="px (default 32)")
+    bench.add_argument("--width", type=int, default=64, help="base channels (default 64)")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    bench.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
+    bench.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    bench.add_argument("--compile", action="store_true")
+    bench.add_argument("--variants", action="store_true",
+                       help="fp32 eager, + channels_last, + autocast, + compile, each with its ratio to the first")
+    bench.add_argument("--json", action="store_true", help="print one JSON object (a list with --variants)")
     return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _given(args: argparse.Namespace, *drop: str) -> dict[str, Any]:
@@ -171,7 +197,47 @@ def format_table(exits: list[dict], ensemble: dict, costs: list[dict] | None) ->
     return "\n".join(rows)
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from byot.engine.bench import BenchSpec, run_bench, run_variants
+
+    if min(args.batch_size, args.steps, args.image_size, args.width) < 1 or args.warmup < 0:
+        raise ByotError("--batch-size, --steps, --image-size and --width must be positive, --warmup >= 0")
+    spec = BenchSpec(args.arch, args.device, args.batch_size, args.image_size, args.steps, args.warmup, args.amp,
+                     args.channels_last, args.compile, args.width)
+    if args.variants:
+        rows = run_variants(spec)
+        print(json.dumps(rows) if args.json else format_variants(rows))
+        return 0
+    result = run_bench(spec)
+    print(json.dumps(result) if args.json else format_bench(result))
+    return 0
+
+
+def format_bench(r: dict) -> str:
+    full = r["exits"][-1]["flops"]
+    lines = [f"{r['arch']} (width {r['width']}) on {r['device']}, batch {r['batch_size']}, {r['image_size']} px, "
+             f"amp {r['amp']}, channels_last {r['channels_last']}, compile {r['compile']}",
+             f"training: {r['train_images_per_s']:.1f} images/s, peak memory {r['peak_memory_mb']:.0f} MB",
+             f"{'exit':<6}{'infer img/s':>13}{'MFLOPs':>10}{'compute':>9}"]
+    for e in r["exits"]:
+        lines.append(f"{e['exit']:<6}{e['infer_images_per_s']:>13.1f}{e['flops'] / 1e6:>10.1f}"
+                     f"{e['flops'] / full * 100:>8.0f}%")
+    return "\n".join(lines)
+
+
+def format_variants(rows: list[dict]) -> str:
+    base = rows[0]["train_images_per_s"]
+    r0 = rows[0]
+    lines = [f"{r0['arch']} (width {r0['width']}) on {r0['device']}, batch {r0['batch_size']}, {r0['image_size']} px",
+             f"{'variant':<18}{'amp':>6}{'train img/s':>13}{'x fp32':>8}{'peak MB':>9}{'infer img/s (exit 4)':>22}"]
+    for r in rows:
+        lines.append(f"{r['variant']:<18}{r['amp']:>6}{r['train_images_per_s']:>13.1f}"
+                     f"{r['train_images_per_s'] / base:>8.2f}{r['peak_memory_mb']:>9.0f}"
+                     f"{r['exits'][-1]['infer_images_per_s']:>22.1f}")
+    return "\n".join(lines)
+
+
+COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

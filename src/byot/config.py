@@ -33,6 +33,10 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4  # L2 on every parameter, as the reference
     schedule: str = "step"  # "step": x0.1 at 75/130/180 of 200 epochs, scaled; "cosine"
+    # speed (none of these changes what is learned beyond rounding)
+    amp: str = "auto"  # mixed precision: auto | bf16 | fp16 | off (auto: bf16 where the hardware runs it natively)
+    channels_last: bool = True  # NHWC memory format: faster convolutions on oneDNN CPUs and tensor-core GPUs
+    compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     # self-distillation loss
     temperature: float = 3.0  # softens the teacher; the KD term is scaled by T**2
     alpha: float = 0.1  # KD weight; labels get (1 - alpha)
@@ -118,6 +122,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.width >= 1, "--width must be at least 1"),
         (cfg.image_size is None or cfg.image_size >= 8, "--image-size must be at least 8"),
         (cfg.schedule in ("step", "cosine"), "--schedule must be step or cosine"),
+        (cfg.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
         (cfg.workers >= 0, "--workers must be >= 0"),
         (cfg.print_freq >= 1, "--print-freq must be at least 1"),
     ]

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from byot.data import Batches
-from byot.data.transforms import normalize
+from byot.engine.runtime import Runtime
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
@@ -19,8 +19,7 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int])
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Batches, mean: torch.Tensor, std: torch.Tensor,
-             exit_ids: Sequence[int]) -> dict[str, Any]:
+def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Sequence[int]) -> dict[str, Any]:
     """Accuracy (percent) of every exit and of the ensemble (mean of the exits' softmax).
 
     Counts accumulate on the device; the host reads them once, at the end.
@@ -30,7 +29,8 @@ def evaluate(model: nn.Module, batches: Batches, mean: torch.Tensor, std: torch.
     correct: torch.Tensor | None = None  # (num_exits + 1, len(ks)): exits, then the ensemble
     seen = 0
     for images, targets in batches:
-        logits = model(normalize(images, mean, std)).logits
+        with runtime.autocast():
+            logits = model(runtime.inputs(images)).logits
         if correct is None:
             ks = (1, min(5, logits[0].shape[1]))
             correct = torch.zeros(len(logits) + 1, 2, dtype=torch.long, device=targets.device)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn as nn
 
 from byot import __version__
 from byot.config import TrainConfig, build_config, check_model_options, config_to_dict, load_yaml, save_yaml
@@ -16,6 +19,7 @@ from byot.data import DataBundle, build_data
 from byot.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from byot.engine.cost import exit_costs
 from byot.engine.evaluate import evaluate
+from byot.engine.runtime import Runtime, build_optimizer, compile_model, make_runtime
 from byot.engine.train import lr_at, train_one_epoch
 from byot.errors import ByotError
 from byot.losses import SelfDistillLoss
@@ -75,10 +79,6 @@ def _check_checkpoint_fits(checkpoint: dict, data: DataBundle, source: str) -> N
                         "use the data set it was trained on")
 
 
-def _norm_tensors(data: DataBundle, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
-
-
 def _check_single_sample_batches(model: MultiExitResNet, data: DataBundle) -> None:
     # BatchNorm cannot train on one value per channel: a 1-image batch needs maps larger than 1x1.
     if min(data.train.batch_size, data.train.num_samples) > 1:
@@ -103,7 +103,7 @@ def _prepare_run_dir(cfg: TrainConfig, resuming: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def _trim_metrics(path: Path, last_epoch: int) -> None:
+def _reset_metrics(path: Path, last_epoch: int) -> None:
     """Keep the metrics of epochs the checkpoint has seen (a crash may have logged one more)."""
     if not path.exists():
         return
@@ -143,41 +143,65 @@ def epoch_summary(record: dict[str, Any], epochs: int) -> str:
             f" | {record['train_images_per_s']:.0f} img/s, {record['epoch_seconds']:.1f} s")
 
 
+@dataclass
+class Session:
+    """Everything one training run holds."""
+
+    cfg: TrainConfig
+    data: DataBundle
+    model: MultiExitResNet  # the module whose state is saved
+    forward: nn.Module  # ``model`` or its torch.compile wrapper
+    runtime: Runtime
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: SelfDistillLoss
+
+
+def build_session(cfg: TrainConfig, checkpoint: dict | None) -> Session:
+    """Data, model, runtime and optimizer for ``cfg``, restored from ``checkpoint`` when given."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg, device)
+    model = build_model(cfg, len(data.classes), data.image_size)
+    runtime = make_runtime(device, data.mean, data.std, cfg.amp, cfg.channels_last, model)
+    model = runtime.place(model)
+    _check_single_sample_batches(model, data)
+    optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    scaler = runtime.grad_scaler()
+    if checkpoint is not None:
+        _check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"])
+    forward: nn.Module = model
+    if cfg.compile:
+        example = next(iter(data.test))[0][:2]
+        forward = compile_model(model, example, runtime)
+    return Session(cfg, data, model, forward, runtime, optimizer, scaler, build_loss(cfg))
+
+
 def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = False,
         stop_after: int | None = None, on_epoch: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
     """Train ``cfg`` (continuing ``checkpoint`` when given); returns one record per epoch run.
 
     ``stop_after`` ends the run after that many epochs of this call (an interruption, for tests).
     """
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg, device)
-    model = build_model(cfg, len(data.classes), data.image_size).to(device)
-    _check_single_sample_batches(model, data)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    start_epoch, best = 0, 0.0
-    if checkpoint is not None:
-        _check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"])
-        start_epoch, best = checkpoint["epoch"], checkpoint["best_top1"]
-        log.info("resumed from %s at epoch %d (best deepest-exit top-1 %.2f)", cfg.resume, start_epoch, best)
+    s = build_session(cfg, checkpoint)
+    start_epoch, best = (checkpoint["epoch"], checkpoint["best_top1"]) if checkpoint else (0, 0.0)
     run_dir = _prepare_run_dir(cfg, checkpoint is not None, overwrite)
-    save_yaml(cfg, run_dir / "config.yaml", {"num_classes": len(data.classes), "byot_version": __version__})
-    _trim_metrics(run_dir / METRICS, start_epoch) if checkpoint is not None else (run_dir / METRICS).unlink(
-        missing_ok=True)
-    _log_start(cfg, model, data, device)
-    mean, std = _norm_tensors(data, device)
-    loss_fn, writer, records = build_loss(cfg), _open_tensorboard(run_dir), []
+    save_yaml(cfg, run_dir / "config.yaml", {"num_classes": len(s.data.classes), "byot_version": __version__})
+    _reset_metrics(run_dir / METRICS, start_epoch)
+    _log_start(s, start_epoch, best)
+    writer, records = _open_tensorboard(run_dir), []
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after is not None and len(records) >= stop_after:
             break
-        record = _run_epoch(cfg, model, data, optimizer, loss_fn, mean, std, epoch)
+        record = _run_epoch(s, epoch)
         best = max(best, record["exits"][-1]["top1"])
         record["best_top1"] = best
-        state = _checkpoint_state(cfg, model, optimizer, data, epoch + 1, best)
+        state = _checkpoint_state(s, epoch + 1, best)
         save_checkpoint(state, run_dir / LATEST)
         if record["exits"][-1]["top1"] >= best:
             save_checkpoint(state, run_dir / BEST)
@@ -193,42 +217,47 @@ def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = Fals
     return records
 
 
-def _run_epoch(cfg: TrainConfig, model: MultiExitResNet, data: DataBundle, optimizer: torch.optim.Optimizer,
-               loss_fn: SelfDistillLoss, mean: torch.Tensor, std: torch.Tensor, epoch: int) -> dict[str, Any]:
+def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
     start = time.perf_counter()
-    lr = lr_at(epoch, cfg.lr, cfg.epochs, cfg.schedule)
-    for group in optimizer.param_groups:
+    lr = lr_at(epoch, s.cfg.lr, s.cfg.epochs, s.cfg.schedule)
+    for group in s.optimizer.param_groups:
         group["lr"] = lr
-    data.train.set_epoch(epoch)
-    stats = train_one_epoch(model, data.train, optimizer, loss_fn, mean, std, model.exit_stages, epoch,
-                            cfg.print_freq, cfg.progress)
+    s.data.train.set_epoch(epoch)
+    stats = train_one_epoch(s.forward, s.data.train, s.optimizer, s.loss_fn, s.runtime, s.scaler,
+                            s.model.exit_stages, epoch, s.cfg.print_freq, s.cfg.progress)
     for name, value in stats["losses"].items():
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise ByotError(f"loss term {name} became non-finite in epoch {epoch + 1}; the last good checkpoint "
-                            f"is kept; try a lower --lr (now {cfg.lr})")
-    result = evaluate(model, data.test, mean, std, model.exit_stages)
+                            f"is kept; try a lower --lr (now {s.cfg.lr})")
+    result = evaluate(s.forward, s.data.test, s.runtime, s.model.exit_stages)
     return {"epoch": epoch + 1, "lr": lr, "losses": stats["losses"],
             "train_top1": stats["train_top1"], "exits": result["exits"], "ensemble": result["ensemble"],
             "epoch_seconds": time.perf_counter() - start, "train_seconds": stats["seconds"],
             "train_images_per_s": stats["images"] / max(stats["seconds"], 1e-9)}
 
 
-def _checkpoint_state(cfg: TrainConfig, model: MultiExitResNet, optimizer: torch.optim.Optimizer,
-                      data: DataBundle, epoch: int, best: float) -> dict[str, Any]:
-    return {"version": __version__, "arch": cfg.arch, "num_classes": len(data.classes), "classes": data.classes,
-            "image_size": data.image_size, "config": config_to_dict(cfg), "epoch": epoch, "best_top1": best,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": {"kind": cfg.schedule, "lr": lr_at(min(epoch, cfg.epochs - 1), cfg.lr, cfg.epochs,
-                                                            cfg.schedule)},
+def _checkpoint_state(s: Session, epoch: int, best: float) -> dict[str, Any]:
+    cfg = s.cfg
+    return {"version": __version__, "arch": cfg.arch, "num_classes": len(s.data.classes), "classes": s.data.classes,
+            "image_size": s.data.image_size, "config": config_to_dict(cfg), "epoch": epoch, "best_top1": best,
+            "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+            "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
+            # the schedule is a pure function of (epoch, config): this records where it stands
+            "scheduler": {"kind": cfg.schedule, "next_lr": lr_at(min(epoch, cfg.epochs - 1), cfg.lr, cfg.epochs,
+                                                                 cfg.schedule)},
             "rng": rng_state()}
 
 
-def _log_start(cfg: TrainConfig, model: MultiExitResNet, data: DataBundle, device: torch.device) -> None:
+def _log_start(s: Session, start_epoch: int, best: float) -> None:
+    cfg, model, data = s.cfg, s.model, s.data
     params = sum(p.numel() for p in model.parameters())
-    log.info("%s (%s stem, width %d, %d exits, %.2fM parameters) on %s; %s: %d train / %d test images, "
-             "%d classes, %d px; run directory %s", cfg.arch, model.spec.stem, cfg.width, model.num_exits,
-             params / 1e6, device, cfg.dataset, data.train.num_samples, data.test.num_samples,
-             len(data.classes), data.image_size, cfg.run_dir)
+    if start_epoch:
+        log.info("resumed from %s after epoch %d (best deepest-exit top-1 %.2f)", cfg.resume, start_epoch, best)
+    log.info("%s (%s stem, width %d, %d exits, %.2fM parameters) on %s, amp %s, channels_last %s, compile %s; "
+             "%s: %d train / %d test images, %d classes, %d px; run directory %s", cfg.arch, model.spec.stem,
+             cfg.width, model.num_exits, params / 1e6, s.runtime.device, s.runtime.amp, s.runtime.channels_last,
+             cfg.compile, cfg.dataset, data.train.num_samples, data.test.num_samples, len(data.classes),
+             data.image_size, cfg.run_dir)
     log.info("test-set evaluation every epoch selects model_best.pth.tar: its accuracy is an optimistic "
              "estimate of performance on unseen data")
 
@@ -239,10 +268,10 @@ def test_checkpoint(cfg: TrainConfig, checkpoint: dict) -> dict[str, Any]:
     data = load_data(cfg, device)
     _check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
     model = build_model(cfg, len(data.classes), data.image_size)
+    runtime = make_runtime(device, data.mean, data.std, cfg.amp, cfg.channels_last, model)
     model.load_state_dict(checkpoint["model"])
-    model.to(device)
-    mean, std = _norm_tensors(data, device)
-    result = evaluate(model, data.test, mean, std, model.exit_stages)
+    model = runtime.place(model)
+    result = evaluate(model, data.test, runtime, model.exit_stages)
     costs = exit_costs(model, data.image_size)
     full = costs[-1]["flops"]
     for e, c in zip(result["exits"], costs):

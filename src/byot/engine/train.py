@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 
 from byot.data import Batches
-from byot.data.transforms import normalize
+from byot.engine.runtime import Runtime
 from byot.losses import SelfDistillLoss
+from byot.models import MultiExitOutput
 
 log = logging.getLogger("byot.train")
 
@@ -34,8 +35,22 @@ def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str) -> float:
     return base_lr * 0.1 ** sum(epoch >= m for m in milestones)
 
 
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
+               loss_fn: SelfDistillLoss, runtime: Runtime, scaler: torch.amp.GradScaler,
+               exit_ids: Sequence[int]) -> tuple[dict[str, torch.Tensor], MultiExitOutput]:
+    """One optimisation step on a uint8 batch (B, 3, H, W); returns the loss terms and the output."""
+    with runtime.autocast():
+        output = model(runtime.inputs(images))
+    terms = loss_fn(output, targets, exit_ids)  # fp32, outside autocast
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return terms, output
+
+
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
-                    loss_fn: SelfDistillLoss, mean: torch.Tensor, std: torch.Tensor,
+                    loss_fn: SelfDistillLoss, runtime: Runtime, scaler: torch.amp.GradScaler,
                     exit_ids: Sequence[int], epoch: int, print_freq: int = 10,
                     progress: bool = False) -> dict[str, Any]:
     """Train for one pass over ``batches``; returns mean loss terms, per-exit train top-1, timing.
@@ -50,11 +65,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     seen, start = 0, time.perf_counter()
     bar = _progress_bar(len(batches), epoch) if progress else None
     for step, (images, targets) in enumerate(batches, start=1):
-        output = model(normalize(images, mean, std))
-        terms = loss_fn(output, targets, exit_ids)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
+        terms, output = train_step(model, images, targets, optimizer, loss_fn, runtime, scaler, exit_ids)
         with torch.no_grad():
             values = torch.stack([t.detach().float() for t in terms.values()]) * len(targets)
             hits = torch.stack([(z.argmax(dim=1) == targets).sum() for z in output.logits])

@@ -1,0 +1,151 @@
+"""``byot bench``: training and per-exit inference throughput on synthetic input, plus peak memory.
+
+Training goes through the same path as ``byot train`` (batched crop/flip, normalisation, forward,
+every loss term, backward, optimizer step) so the numbers are what a run gets.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from byot.data import NORMALIZATION
+from byot.data.batches import TensorBatches
+from byot.data.images import ImageSet
+from byot.engine.cost import exit_costs
+from byot.engine.runtime import Runtime, build_optimizer, compile_model, make_runtime
+from byot.engine.train import train_step
+from byot.errors import ByotError
+from byot.losses import SelfDistillLoss
+from byot.models import MultiExitResNet, create_model
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    arch: str = "multi_resnet18_kd"
+    device: str = "cpu"
+    batch_size: int = 128
+    image_size: int = 32
+    steps: int = 10  # timed steps after warm-up
+    warmup: int = 3  # untimed steps (allocator, oneDNN/cuDNN algorithm choice, compilation)
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    width: int = 64
+    num_classes: int = 100
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _synthetic_batches(spec: BenchSpec, device: torch.device) -> TensorBatches:
+    g = torch.Generator().manual_seed(0)
+    n = spec.batch_size * 2
+    images = torch.randint(0, 256, (n, 3, spec.image_size, spec.image_size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, spec.num_classes, (n,), generator=g)
+    data = ImageSet(images, labels, [str(i) for i in range(spec.num_classes)])
+    return TensorBatches(data, spec.batch_size, True, seed=0, device=device)
+
+
+def _time_training(model: MultiExitResNet, forward: torch.nn.Module, spec: BenchSpec, runtime: Runtime) -> float:
+    batches = _synthetic_batches(spec, runtime.device)
+    optimizer = build_optimizer(model, 0.01, 0.9, 5e-4)
+    scaler, loss_fn = runtime.grad_scaler(), SelfDistillLoss()
+    model.train()
+
+    def run(steps: int) -> None:
+        done = 0
+        while done < steps:
+            for images, targets in batches:
+                if done == steps:
+                    break
+                train_step(forward, images, targets, optimizer, loss_fn, runtime, scaler, model.exit_stages)
+                done += 1
+
+    run(spec.warmup)
+    _sync(runtime.device)
+    start = time.perf_counter()
+    run(spec.steps)
+    _sync(runtime.device)
+    return spec.steps * spec.batch_size / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def _time_inference(forward: torch.nn.Module, model: MultiExitResNet, spec: BenchSpec, runtime: Runtime,
+                    depth: int) -> float:
+    model.eval()
+    images = torch.randint(0, 256, (spec.batch_size, 3, spec.image_size, spec.image_size), dtype=torch.uint8,
+                           device=runtime.device)
+    steps = max(spec.steps, 3)
+    for i in range(spec.warmup + steps):
+        if i == spec.warmup:
+            _sync(runtime.device)
+            start = time.perf_counter()
+        with runtime.autocast():
+            forward(runtime.inputs(images), depth=depth)
+    _sync(runtime.device)
+    return steps * spec.batch_size / (time.perf_counter() - start)
+
+
+def run_bench(spec: BenchSpec) -> dict[str, Any]:
+    """Measure one configuration; returns the ``byot bench --json`` object."""
+    device = torch.device(spec.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ByotError("--device cuda asked for, but torch sees no CUDA GPU here")
+    mean, std = NORMALIZATION["cifar100"]
+    torch.manual_seed(0)
+    model = create_model(spec.arch, spec.num_classes, width=spec.width, image_size=spec.image_size)
+    runtime = make_runtime(device, mean, std, spec.amp, spec.channels_last, model)
+    model = runtime.place(model)
+    costs = exit_costs(model, spec.image_size)
+    forward: torch.nn.Module = model
+    if spec.compile:
+        example = torch.zeros(2, 3, spec.image_size, spec.image_size, dtype=torch.uint8, device=device)
+        forward = compile_model(model, example, runtime)
+    train_ips = _time_training(model, forward, spec, runtime)
+    exits = [{"exit": c["exit"], "infer_images_per_s": _time_inference(forward, model, spec, runtime, c["exit"]),
+              "flops": c["flops"]} for c in costs]
+    return {"arch": spec.arch, "device": str(device), "batch_size": spec.batch_size, "image_size": spec.image_size,
+            "amp": runtime.amp, "channels_last": runtime.channels_last, "compile": spec.compile,
+            "train_images_per_s": train_ips, "peak_memory_mb": _peak_memory_mb(device), "exits": exits,
+            "width": spec.width, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+VARIANTS = [  # (name, amp, channels_last, compile): each adds one thing to the row before
+    ("fp32 eager", "off", False, False),
+    ("+ channels_last", "off", True, False),
+    ("+ autocast", "auto!", True, False),
+    ("+ compile", "auto!", True, True),
+]
+
+
+def run_variants(spec: BenchSpec) -> list[dict[str, Any]]:
+    """Each variant in its own process, so that peak memory (RSS on a CPU) is its own."""
+    results = []
+    for name, amp, channels_last, compiled in VARIANTS:
+        if amp == "auto!":  # autocast rows use bf16 even where "auto" would pick fp32, to show its cost
+            amp = "bf16" if spec.device == "cpu" else "auto"
+        args = [sys.executable, "-m", "byot", "bench", spec.arch, "--device", spec.device, "--batch-size",
+                str(spec.batch_size), "--image-size", str(spec.image_size), "--steps", str(spec.steps),
+                "--warmup", str(spec.warmup), "--width", str(spec.width), "--amp", amp, "--json"]
+        args += ([] if channels_last else ["--no-channels-last"]) + (["--compile"] if compiled else [])
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ByotError(f"bench variant '{name}' failed: {proc.stderr.strip().splitlines()[-1:]}")
+        results.append({"variant": name, **json.loads(proc.stdout)})
+    return results
