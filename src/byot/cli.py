@@ -27,6 +27,8 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download", action="store_true", help="download CIFAR with torchvision (needs internet)")
     g.add_argument("--image-size", type=int, help="px; default 32 for CIFAR, 224 for image folders")
     g.add_argument("--workers", type=int, help=f"image-folder decoding processes (default {D.workers})")
+    g.add_argument("--skip-corrupt", action="store_true",
+                   help="leave unreadable image files out (counted in the log) instead of stopping")
     g = p.add_argument_group("model (taken from the checkpoint with --resume; must agree if given)")
     g.add_argument("--width", type=int, help=f"base channels (default {D.width}; 16 runs well on a CPU)")
     g.add_argument("--stem", choices=("auto", "cifar", "imagenet"),
@@ -57,6 +59,11 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default {D.weight_decay})")
     g.add_argument("--schedule", choices=("step", "cosine"),
                    help="step (default): lr x0.1 at 75/130/180 of 200 epochs, scaled; cosine")
+    g.add_argument("--class-weights", choices=("none", "balanced"),
+                   help="balanced: label terms weighted by N / (K * n_class) for imbalanced classes")
+    g.add_argument("--accum-steps", type=int, help="batches per optimizer step (effective batch = N x batch)")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each stage's activations in backward: less memory, more time")
     g = p.add_argument_group("self-distillation")
     g.add_argument("--temperature", type=float, help=f"softens the teacher (default {D.temperature})")
     g.add_argument("--alpha", type=float, help=f"KD weight; labels get 1 - alpha (default {D.alpha})")
@@ -88,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--save-folder", help=f"default {DEMO['save_folder']}")
     demo.add_argument("--device", help="default: cuda when available, else cpu")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    split = sub.add_parser("split", help="split a folder of class folders into train/ and test/ (stratified)")
+    split.add_argument("src", help="folder holding one folder per class")
+    split.add_argument("--out", required=True, help="destination: receives train/<class>/ and test/<class>/")
+    split.add_argument("--test-ratio", type=float, default=0.2, help="share of each class for test (default 0.2)")
+    split.add_argument("--seed", type=int, default=0, help="the same seed gives the same split anywhere (default 0)")
+    split.add_argument("--mode", choices=("copy", "hardlink", "symlink"), default="copy",
+                       help="how files reach DST (default copy)")
+    split.add_argument("--force", action="store_true", help="replace DST/train, DST/test and DST/split.json")
+    check = sub.add_parser("check-data", help="decode every image of an image folder; list unreadable files")
+    check.add_argument("dir", help="a data root with train/ and test/ (or val/), or one folder of class folders")
+    check.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: this one)")
     bench = sub.add_parser("bench", help="training and per-exit inference speed on synthetic input")
     bench.add_argument("arch", help=arch_help)
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if any)")
@@ -197,6 +215,26 @@ def format_table(exits: list[dict], ensemble: dict, costs: list[dict] | None) ->
     return "\n".join(rows)
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from byot.data.split import format_split_table, split_folder
+
+    _setup_logging(False)
+    report = split_folder(Path(args.src), Path(args.out), args.test_ratio, args.seed, args.mode, args.force)
+    print(format_split_table(report))
+    print(f"wrote {args.out}/train, {args.out}/test and {report.manifest}")
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """Exit 0 when every image decodes, 1 when some do not (for scripts), 2 for a bad folder."""
+    from byot.data.scan import format_scan, scan_folder
+
+    _setup_logging(False)
+    reports = scan_folder(Path(args.dir), args.workers)
+    print(format_scan(reports))
+    return 1 if any(r.corrupt for r in reports.values()) else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from byot.engine.bench import BenchSpec, run_bench, run_variants
 
@@ -237,7 +275,8 @@ def format_variants(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo, "bench": cmd_bench, "split": cmd_split,
+            "check-data": cmd_check_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,8 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(error: Exception) -> str:
-    # errors raised in DataLoader workers arrive wrapped in a traceback text: keep the user's line
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    if len(lines) > 1 and "Traceback" in str(error):
-        return lines[-1].split("ByotError: ", 1)[-1]
-    return " ".join(lines)
+    """The message; errors raised in DataLoader workers arrive wrapped in a traceback: keep the user's line.
+    A message may continue on indented lines (a list of files)."""
+    text = str(error).strip()
+    if "Traceback" in text:
+        return [line for line in text.splitlines() if line.strip()][-1].split("ByotError: ", 1)[-1]
+    return text

@@ -26,6 +26,8 @@ class TrainConfig:
     download: bool = False  # fetch CIFAR with torchvision's downloader (needs internet)
     image_size: int | None = None  # px; None: 32 for CIFAR, 224 for image folders
     workers: int = 4  # DataLoader processes decoding image-folder files (CIFAR lives in memory)
+    skip_corrupt: bool = False  # leave unreadable image-folder files out (listed) instead of stopping
+    class_weights: str = "none"  # "balanced": label terms weighted by N / (K * n_class), for imbalanced data
     # optimisation
     epochs: int = 200
     batch_size: int = 128  # images per step
@@ -33,6 +35,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4  # L2 on every parameter, as the reference
     schedule: str = "step"  # "step": x0.1 at 75/130/180 of 200 epochs, scaled; "cosine"
+    accum_steps: int = 1  # batches whose gradients add up before one optimizer step (effective batch x N)
+    grad_checkpoint: bool = False  # recompute each stage's activations in backward: less memory, ~30% slower
     # speed (none of these changes what is learned beyond rounding)
     amp: str = "auto"  # mixed precision: auto | bf16 | fp16 | off (auto: bf16 where the hardware runs it natively)
     channels_last: bool = True  # NHWC memory format: faster convolutions on oneDNN CPUs and tensor-core GPUs
@@ -124,6 +128,8 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.schedule in ("step", "cosine"), "--schedule must be step or cosine"),
         (cfg.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
         (cfg.workers >= 0, "--workers must be >= 0"),
+        (cfg.accum_steps >= 1, "--accum-steps must be at least 1"),
+        (cfg.class_weights in ("none", "balanced"), "--class-weights must be none or balanced"),
         (cfg.print_freq >= 1, "--print-freq must be at least 1"),
     ]
     for ok, message in checks:

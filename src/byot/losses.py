@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from byot.models.resnet import MultiExitOutput
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of (B, K) logits against (B,) integer labels."""
-    return F.cross_entropy(logits.float(), targets)
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of (B, K) logits against (B,) integer labels; with (K,) class ``weight``
+    the weighted mean sum_i w_{y_i} l_i / sum_i w_{y_i}."""
+    return F.cross_entropy(logits.float(), targets, weight=weight)
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -49,12 +50,14 @@ class SelfDistillLoss:
     ``beta``: weight of the feature hint. ``temperature``: softens the teacher; KD scaled by T**2.
     """
 
-    def __init__(self, alpha: float = 0.1, beta: float = 1e-6, temperature: float = 3.0) -> None:
+    def __init__(self, alpha: float = 0.1, beta: float = 1e-6, temperature: float = 3.0,
+                 class_weights: torch.Tensor | None = None) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         if beta < 0 or temperature <= 0:
             raise ValueError(f"beta must be >= 0 and temperature > 0, got {beta}, {temperature}")
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.class_weights = class_weights  # (K,) weights of the label terms, or None
 
     def __call__(
         self, output: MultiExitOutput, targets: torch.Tensor, exit_ids: Sequence[int] | None = None
@@ -66,16 +69,22 @@ class SelfDistillLoss:
         ids = list(exit_ids) if exit_ids is not None else list(range(1, len(output.logits) + 1))
         terms: dict[str, torch.Tensor] = {}
         for k, z in zip(ids, output.logits):
-            terms[f"ce/exit{k}"] = cross_entropy(z, targets)
-        total = (1.0 - self.alpha) * sum(terms.values())
+            terms[f"ce/exit{k}"] = cross_entropy(z, targets, self.class_weights)
         # The teacher is detached: the shallow exits learn from it, it does not learn from them.
         teacher_probs = F.softmax(output.logits[-1].detach().float() / self.temperature, dim=1)
         teacher_feature = output.features[-1].detach()
-        kd_sum = hint_sum = torch.zeros((), device=targets.device)
         for k, z, f in zip(ids[:-1], output.logits[:-1], output.features[:-1]):
             terms[f"kd/exit{k}"] = soft_cross_entropy(z, teacher_probs, self.temperature)
             terms[f"hint/exit{k}"] = feature_hint(f, teacher_feature)
-            kd_sum = kd_sum + terms[f"kd/exit{k}"]
-            hint_sum = hint_sum + terms[f"hint/exit{k}"]
-        total = total + self.alpha * self.temperature**2 * kd_sum + self.beta * hint_sum
-        return {"loss": total, **terms}
+        return {"loss": self.objective(terms), **terms}
+
+    def objective(self, terms: dict[str, torch.Tensor], batch_share: float = 1.0) -> torch.Tensor:
+        """The weighted total of named ``terms``; ``batch_share`` is this batch's share of an
+        accumulated optimizer batch. The label and KD terms are batch means, so they are scaled by
+        it; the hint is a sum over the batch already, so it is not: accumulated gradients then
+        equal those of the whole batch at once."""
+        ce = sum(v for name, v in terms.items() if name.startswith("ce/"))
+        kd = sum((v for name, v in terms.items() if name.startswith("kd/")), torch.zeros(()))
+        hint = sum((v for name, v in terms.items() if name.startswith("hint/")), torch.zeros(()))
+        means = (1.0 - self.alpha) * ce + self.alpha * self.temperature**2 * kd
+        return batch_share * means + self.beta * hint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -11,9 +12,12 @@ import torch
 from byot.data.batches import TensorBatches, batch_bounds
 from byot.data.cifar import load_cifar
 from byot.data.digits import load_digits
-from byot.data.folder import FolderBatches, find_split, index_folder
+from byot.data.folder import FolderBatches, FolderIndex, find_split, index_folder
 from byot.data.images import ImageSet
+from byot.data.scan import scan_images, without_corrupt
 from byot.errors import ByotError
+
+log = logging.getLogger("byot.data")
 
 # per-channel mean and std of the training images (the reference's CIFAR constants; ImageNet's)
 NORMALIZATION = {
@@ -43,12 +47,17 @@ class DataBundle:
     image_size: int  # px, square
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    train_counts: list[int]  # training images per class
 
 
 def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: int | None, seed: int,
                device: torch.device, workers: int = 0, download: bool = False,
-               eval_batch_size: int | None = None) -> DataBundle:
-    """Load ``dataset`` and wrap both splits in epoch-wise batch iterators on ``device``."""
+               eval_batch_size: int | None = None, skip_corrupt: bool = False) -> DataBundle:
+    """Load ``dataset`` and wrap both splits in epoch-wise batch iterators on ``device``.
+
+    Image folders are scanned first: every file is decoded once, and unreadable ones stop the run
+    with their paths listed, or are left out with ``skip_corrupt``.
+    """
     if batch_size < 1:
         raise ByotError(f"--batch-size must be at least 1, got {batch_size}")
     eval_batch_size = eval_batch_size or batch_size
@@ -58,10 +67,12 @@ def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: 
         size = image_size or 224
         train_index = index_folder(find_split(root, ("train",)))
         test_index = index_folder(find_split(root, ("test", "val")), train_index.classes)
+        train_index = _preflight(train_index, "training", workers, skip_corrupt)
+        test_index = _preflight(test_index, "test", workers, skip_corrupt)
         return DataBundle(
             FolderBatches(train_index, size, batch_size, True, seed, device, workers),
             FolderBatches(test_index, size, eval_batch_size, False, seed, device, workers),
-            train_index.classes, size, mean, std)
+            train_index.classes, size, mean, std, _counts(train_index.labels, len(train_index.classes)))
     if dataset == "digits":
         train, test = load_digits(image_size or 32)
     elif dataset in ("cifar10", "cifar100"):
@@ -77,7 +88,25 @@ def _tensor_bundle(train: ImageSet, test: ImageSet, batch_size: int, eval_batch_
                    device: torch.device, mean: tuple, std: tuple) -> DataBundle:
     return DataBundle(TensorBatches(train, batch_size, True, seed, device),
                       TensorBatches(test, eval_batch_size, False, seed, device),
-                      train.classes, train.images.shape[-1], mean, std)
+                      train.classes, train.images.shape[-1], mean, std,
+                      _counts(train.labels.tolist(), len(train.classes)))
+
+
+def _counts(labels: list[int], num_classes: int) -> list[int]:
+    return torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).tolist()
+
+
+def _preflight(index: FolderIndex, split: str, workers: int, skip_corrupt: bool) -> FolderIndex:
+    report = scan_images(index.paths, workers)
+    if not report.corrupt:
+        return index
+    if not skip_corrupt:
+        listed = "\n".join(f"  {path}: {reason}" for path, reason in report.corrupt[:20])
+        more = f"\n  ... and {len(report.corrupt) - 20} more" if len(report.corrupt) > 20 else ""
+        raise ByotError(f"{len(report.corrupt)} unreadable image(s) in the {split} split; fix or remove them, "
+                        f"or pass --skip-corrupt to leave them out:\n{listed}{more}")
+    log.warning("--skip-corrupt: leaving out %d unreadable image(s) of the %s split", len(report.corrupt), split)
+    return without_corrupt(index, report)
 
 
 def _existing_dir(data_dir: str | None, dataset: str, create: bool = False) -> Path:

@@ -6,6 +6,7 @@ Images of any size and mode are decoded with PIL, converted to 8-bit RGB and siz
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from PIL import Image, ImageOps
 
 from byot.data.batches import batch_bounds, epoch_generator, epoch_order
 from byot.errors import ByotError
+
+log = logging.getLogger("byot.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 RESIZE_RATIO = 0.875  # test images: resize the short side to size / 0.875, then centre-crop
@@ -42,6 +45,7 @@ def find_split(root: Path, names: tuple[str, ...]) -> Path:
 def index_folder(split_dir: Path, classes: list[str] | None = None) -> FolderIndex:
     """List ``split_dir/<class>/<image>``; hidden entries and non-image files are ignored."""
     found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    first_split = classes is None
     if classes is None:
         classes = found
     elif found != classes:
@@ -55,8 +59,10 @@ def index_folder(split_dir: Path, classes: list[str] | None = None) -> FolderInd
     for label, name in enumerate(classes):
         files = sorted(p for p in (split_dir / name).iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
+        if not files and first_split:
             raise ByotError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if not files:  # e.g. a class of one image: byot split puts it in train and leaves test empty
+            log.warning("class folder %s holds no images; that class is not evaluated", split_dir / name)
         paths += files
         labels += [label] * len(files)
     return FolderIndex(paths, labels, classes)

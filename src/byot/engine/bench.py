@@ -74,7 +74,7 @@ def _time_training(model: MultiExitResNet, forward: torch.nn.Module, spec: Bench
             for images, targets in batches:
                 if done == steps:
                     break
-                train_step(forward, images, targets, optimizer, loss_fn, runtime, scaler, model.exit_stages)
+                train_step(forward, [(images, targets)], optimizer, loss_fn, runtime, scaler, model.exit_stages)
                 done += 1
 
     run(spec.warmup)

@@ -63,14 +63,22 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> MultiExi
 
 def load_data(cfg: TrainConfig, device: torch.device) -> DataBundle:
     return build_data(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.image_size, cfg.seed, device,
-                      cfg.workers, cfg.download)
+                      cfg.workers, cfg.download, skip_corrupt=cfg.skip_corrupt)
 
 
-def build_loss(cfg: TrainConfig) -> SelfDistillLoss:
+def build_loss(cfg: TrainConfig, data: DataBundle, device: torch.device) -> SelfDistillLoss:
+    weights = balanced_class_weights(data.train_counts, device) if cfg.class_weights == "balanced" else None
     # the plain backbone has one exit: no teacher, no KD, no hint, cross-entropy only
     if not cfg.distill:
-        return SelfDistillLoss(alpha=0.0, beta=0.0, temperature=cfg.temperature)
-    return SelfDistillLoss(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature)
+        return SelfDistillLoss(alpha=0.0, beta=0.0, temperature=cfg.temperature, class_weights=weights)
+    return SelfDistillLoss(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, class_weights=weights)
+
+
+def balanced_class_weights(counts: list[int], device: torch.device) -> torch.Tensor:
+    """w_c = N / (K * n_c): every class weighs the same in the label terms (sklearn's "balanced");
+    a class with no training image gets weight 0."""
+    n = torch.tensor(counts, dtype=torch.float32, device=device)
+    return torch.where(n > 0, n.sum() / (len(counts) * n.clamp(min=1)), torch.zeros_like(n))
 
 
 def _check_checkpoint_fits(checkpoint: dict, data: DataBundle, source: str) -> None:
@@ -179,7 +187,8 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None) -> Session:
     if cfg.compile:
         example = next(iter(data.test))[0][:2]
         forward = compile_model(model, example, runtime)
-    return Session(cfg, data, model, forward, runtime, optimizer, scaler, build_loss(cfg))
+    model.grad_checkpoint = cfg.grad_checkpoint
+    return Session(cfg, data, model, forward, runtime, optimizer, scaler, build_loss(cfg, data, device))
 
 
 def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = False,
@@ -224,7 +233,7 @@ def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
         group["lr"] = lr
     s.data.train.set_epoch(epoch)
     stats = train_one_epoch(s.forward, s.data.train, s.optimizer, s.loss_fn, s.runtime, s.scaler,
-                            s.model.exit_stages, epoch, s.cfg.print_freq, s.cfg.progress)
+                            s.model.exit_stages, epoch, s.cfg.print_freq, s.cfg.progress, s.cfg.accum_steps)
     for name, value in stats["losses"].items():
         if not math.isfinite(value):
             raise ByotError(f"loss term {name} became non-finite in epoch {epoch + 1}; the last good checkpoint "
@@ -258,6 +267,8 @@ def _log_start(s: Session, start_epoch: int, best: float) -> None:
              cfg.width, model.num_exits, params / 1e6, s.runtime.device, s.runtime.amp, s.runtime.channels_last,
              cfg.compile, cfg.dataset, data.train.num_samples, data.test.num_samples, len(data.classes),
              data.image_size, cfg.run_dir)
+    counts = ", ".join(f"{name} {n}" for name, n in zip(data.classes, data.train_counts))
+    log.info("training images per class: %s", counts if len(counts) < 2000 else counts[:2000] + " ...")
     log.info("test-set evaluation every epoch selects model_best.pth.tar: its accuracy is an optimistic "
              "estimate of performance on unseen data")
 

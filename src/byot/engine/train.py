@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,24 +36,58 @@ def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str) -> float:
     return base_lr * 0.1 ** sum(epoch >= m for m in milestones)
 
 
-def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
-               loss_fn: SelfDistillLoss, runtime: Runtime, scaler: torch.amp.GradScaler,
-               exit_ids: Sequence[int]) -> tuple[dict[str, torch.Tensor], MultiExitOutput]:
-    """One optimisation step on a uint8 batch (B, 3, H, W); returns the loss terms and the output."""
-    with runtime.autocast():
-        output = model(runtime.inputs(images))
-    terms = loss_fn(output, targets, exit_ids)  # fp32, outside autocast
+def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               optimizer: torch.optim.Optimizer, loss_fn: SelfDistillLoss, runtime: Runtime,
+               scaler: torch.amp.GradScaler, exit_ids: Sequence[int]) -> list[tuple[dict, list[torch.Tensor]]]:
+    """One optimizer step over ``group``: one uint8 batch (B, 3, H, W) with its labels, or several
+    whose gradients accumulate (--accum-steps). Returns each batch's loss terms and detached logits."""
+    total = sum(len(targets) for _, targets in group)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(terms["loss"]).backward()
+    results = []
+    for images, targets in group:
+        with runtime.autocast():
+            output = model(runtime.inputs(images))
+        terms = loss_fn(output, targets, exit_ids)  # fp32, outside autocast
+        objective = terms["loss"] if len(group) == 1 else loss_fn.objective(terms, len(targets) / total)
+        with _bn_statistics_kept(model):
+            scaler.scale(objective).backward()
+        results.append((terms, [z.detach() for z in output.logits]))
     scaler.step(optimizer)
     scaler.update()
-    return terms, output
+    return results
+
+
+@contextlib.contextmanager
+def _bn_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """With gradient checkpointing, backward re-runs each stage's forward, which would update the
+    BatchNorm running statistics a second time; keep the values the real forward left."""
+    base = getattr(model, "_orig_mod", model)
+    if not getattr(base, "grad_checkpoint", False):
+        yield
+        return
+    buffers = [b for m in base.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
+    yield
+    with torch.no_grad():
+        for b, v in zip(buffers, saved):
+            b.copy_(v)
+
+
+def _groups(batches: Batches, size: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    group: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                     loss_fn: SelfDistillLoss, runtime: Runtime, scaler: torch.amp.GradScaler,
                     exit_ids: Sequence[int], epoch: int, print_freq: int = 10,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, accum_steps: int = 1) -> dict[str, Any]:
     """Train for one pass over ``batches``; returns mean loss terms, per-exit train top-1, timing.
 
     Running sums stay on the device (detached: no autograd graph outlives its step) and are read
@@ -63,22 +98,24 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     correct: torch.Tensor | None = None  # (num_exits,)
     names: list[str] = []
     seen, start = 0, time.perf_counter()
-    bar = _progress_bar(len(batches), epoch) if progress else None
-    for step, (images, targets) in enumerate(batches, start=1):
-        terms, output = train_step(model, images, targets, optimizer, loss_fn, runtime, scaler, exit_ids)
-        with torch.no_grad():
-            values = torch.stack([t.detach().float() for t in terms.values()]) * len(targets)
-            hits = torch.stack([(z.argmax(dim=1) == targets).sum() for z in output.logits])
-            sums = values if sums is None else sums + values
-            correct = hits if correct is None else correct + hits
-        names, seen = list(terms), seen + len(targets)
+    steps = math.ceil(len(batches) / accum_steps)  # optimizer steps
+    bar = _progress_bar(steps, epoch) if progress else None
+    for step, group in enumerate(_groups(batches, accum_steps), start=1):
+        for (_, targets), (terms, logits) in zip(group, train_step(model, group, optimizer, loss_fn, runtime,
+                                                                    scaler, exit_ids)):
+            with torch.no_grad():
+                values = torch.stack([t.detach().float() for t in terms.values()]) * len(targets)
+                hits = torch.stack([(z.argmax(dim=1) == targets).sum() for z in logits])
+                sums = values if sums is None else sums + values
+                correct = hits if correct is None else correct + hits
+            names, seen = list(terms), seen + len(targets)
         if bar is not None:
             bar.update(1)
-        if step % print_freq == 0 or step == len(batches):
+        if step % print_freq == 0 or step == steps:
             loss_now, top1_now = (sums[0] / seen).item(), (correct[-1] * 100.0 / seen).item()
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_now:.3f}", top1=f"{top1_now:.1f}")
-            log.debug("epoch %d step %d/%d loss %.4f top1(deepest) %.2f", epoch + 1, step, len(batches),
+            log.debug("epoch %d step %d/%d loss %.4f top1(deepest) %.2f", epoch + 1, step, steps,
                       loss_now, top1_now)
     if bar is not None:
         bar.close()

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from byot.errors import ByotError
 from byot.models.exits import BackboneHead, BottleneckExit
@@ -157,6 +158,7 @@ class MultiExitResNet(nn.Module):
         heads.append(BackboneHead(channels[3], spec.num_classes))
         self.heads = nn.ModuleList(heads)
         self.exit_stages = [1, 2, 3, 4] if spec.exits else [4]  # the stage each head reads
+        self.grad_checkpoint = False  # recompute each stage's activations in backward (saves memory)
         _init_weights(self)
 
     @property
@@ -173,7 +175,10 @@ class MultiExitResNet(nn.Module):
         features: list[torch.Tensor] = []
         x = self.stem(x)
         for stage_index, stage in enumerate(self.stages[:depth], start=1):
-            x = stage(x)  # (B, C_stage, H_stage, W_stage)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(stage, x, use_reentrant=False)  # (B, C_stage, H_stage, W_stage)
+            else:
+                x = stage(x)  # (B, C_stage, H_stage, W_stage)
             if stage_index in self.exit_stages:
                 out, feature = self.heads[self.exit_stages.index(stage_index)](x)
                 logits.append(out)
