@@ -72,3 +72,35 @@ def test_split_refuses_a_non_empty_destination(tmp_path, hospital, capsys):
     assert main(["split", str(hospital), "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "something").read_text() == "keep me"
+
+
+def test_per_class_report_and_pretrained_backbone(tmp_path, hospital, capsys):
+    import torch
+    import torchvision
+
+    out = tmp_path / "split"
+    assert main(["split", str(hospital), "--out", str(out), "--test-ratio", "0.25"]) == 0
+    weights = tmp_path / "resnet18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)  # a local torchvision file
+    args = ["train", "multi_resnet18_kd", "--dataset", "imagefolder", "--data-dir", str(out), "--image-size", "32",
+            "--batch-size", "16", "--epochs", "1", "--workers", "0", "--pretrained", str(weights),
+            "--save-folder", str(tmp_path / "runs"), "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "pretrained backbone:" in err and "fc.weight" in err  # the 1000-class head does not fit: reported
+    ckpt = tmp_path / "runs" / "multi_resnet18_kd" / "checkpoint_latest.pth.tar"
+    assert main(["test", "multi_resnet18_kd", "--data-dir", str(out), "--resume", str(ckpt), "--per-class",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(result["per_class"]) == [str(i) for i in range(1, 9)]
+    assert all(len(v) == 4 for v in result["per_class"].values())
+    # per-class accuracies weighted by class size give the overall accuracy of each exit
+    for k, e in enumerate(result["exits"]):
+        overall = sum(v[k] * 4 for v in result["per_class"].values()) / 32
+        assert overall == pytest.approx(e["top1"])
+    for k in range(1, 5):
+        assert (ckpt.parent / f"confusion_exit{k}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        rows = (ckpt.parent / f"confusion_exit{k}.csv").read_text().splitlines()
+        assert len(rows) == 9 and rows[0].split(",")[1:] == [str(i) for i in range(1, 9)]

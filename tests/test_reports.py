@@ -96,7 +96,8 @@ def test_png_is_a_real_image_that_grows_with_the_class_count(tmp_path):
     assert min(sizes[0]) > 100
     assert sizes[1][0] > sizes[0][0] and sizes[1][1] > sizes[0][1]
     # class names never reach file names, even ones holding a path separator
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["confusion_exit3.csv", "confusion_exit3.png"]
+    written = sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert written == ["confusion_exit3.csv", "confusion_exit3.png"]
 
 
 def test_rewrite_replaces_the_files(tmp_path):

@@ -35,6 +35,9 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
                    help="cifar: 3x3/1; imagenet: 7x7/2 + max-pool; auto (default): imagenet from 64 px up")
     g.add_argument("--no-distill", dest="distill", action="store_false",
                    help="the plain backbone trained with cross-entropy only: the baseline")
+    g.add_argument("--pretrained", nargs="?", const="imagenet", metavar="PATH",
+                   help="start the backbone from torchvision's ImageNet weights (needs them cached or internet), "
+                        "or from a local torchvision ResNet state dict PATH; the exits start fresh (width 64)")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, help=f"images per step (default {D.batch_size})")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("arch", help=arch_help)
     _add_model_and_data(test)
     test.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    test.add_argument("--per-class", action="store_true",
+                      help="per-class accuracy of every exit; confusion_exit<k>.png/.csv beside the checkpoint")
     demo = sub.add_parser("demo", help="train a narrow multi_resnet18_kd on the bundled digits (CPU, minutes)",
                           argument_default=argparse.SUPPRESS)
     demo.add_argument("--epoch", "--epochs", dest="epochs", type=int, help=f"epochs (default {DEMO['epochs']})")
@@ -187,18 +192,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_test(args: argparse.Namespace) -> int:
     from byot.engine.run import resolve_config, test_checkpoint
 
-    given = _given(args, "json")
+    given = _given(args, "json", "per_class")
     if not given.get("resume"):
         raise ByotError("byot test needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
     _setup_logging(False)
     cfg, checkpoint = resolve_config(given, getattr(args, "config_file", None))
-    result = test_checkpoint(cfg, checkpoint)
+    per_class = getattr(args, "per_class", False)
+    result = test_checkpoint(cfg, checkpoint, per_class)
     if getattr(args, "json", False):
         print(json.dumps(result))
-    else:
-        print(f"{cfg.arch} on {cfg.dataset} test split ({result['num_images']} images), "
-              f"checkpoint epoch {result['epoch']}")
-        print(format_table(result["exits"], result["ensemble"], result["exits"]))
+        return 0
+    print(f"{cfg.arch} on {cfg.dataset} test split ({result['num_images']} images), "
+          f"checkpoint epoch {result['epoch']}")
+    print(format_table(result["exits"], result["ensemble"], result["exits"]))
+    if per_class:
+        from byot.engine.reports import format_per_class
+
+        print(format_per_class(result["per_class"], [e["exit"] for e in result["exits"]], result["class_counts"]))
+        print("wrote " + ", ".join(result["confusion_files"]))
     return 0
 
 

@@ -20,6 +20,7 @@ class TrainConfig:
     width: int = 64  # base channels; stages use width * (1, 2, 4, 8) (x4 for bottleneck blocks)
     stem: str = "auto"  # "cifar" (3x3/1), "imagenet" (7x7/2 + max-pool) or "auto" (from the image size)
     distill: bool = True  # False (--no-distill): plain backbone, cross-entropy only: the baseline
+    pretrained: str | None = None  # "imagenet" (torchvision's weights) or a state-dict file; exits stay fresh
     # data
     dataset: str = "cifar100"  # cifar100 | cifar10 | imagefolder | digits
     data_dir: str | None = None  # folder holding the data set

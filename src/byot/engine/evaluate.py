@@ -19,11 +19,14 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int])
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Sequence[int]) -> dict[str, Any]:
+def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Sequence[int],
+             confusion: bool = False) -> dict[str, Any]:
     """Accuracy (percent) of every exit and of the ensemble (mean of the exits' softmax).
 
-    Counts accumulate on the device; the host reads them once, at the end.
+    Counts accumulate on the device; the host reads them once, at the end. With ``confusion`` the
+    result also holds "confusion": one (K, K) int64 matrix per exit (rows: true class, columns: predicted).
     """
+    matrices: torch.Tensor | None = None  # (num_exits, K * K)
     model.eval()
     ks: tuple[int, ...] = ()
     correct: torch.Tensor | None = None  # (num_exits + 1, len(ks)): exits, then the ensemble
@@ -37,8 +40,17 @@ def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Seq
         ensemble = torch.stack([z.float().softmax(dim=1) for z in logits]).mean(dim=0)  # (B, K)
         correct += torch.stack([topk_correct(z, targets, ks) for z in [*logits, ensemble]])
         seen += len(targets)
+        if confusion:
+            k = logits[0].shape[1]
+            cells = torch.stack([targets * k + z.argmax(dim=1) for z in logits])  # (E, B) flat cell index
+            counts = torch.stack([torch.bincount(c, minlength=k * k) for c in cells])
+            matrices = counts if matrices is None else matrices + counts
     if correct is None:
         return {"num_images": 0, "exits": [], "ensemble": {"top1": 0.0, "top5": 0.0}}
     acc = (correct.double() * 100.0 / seen).tolist()
     exits = [{"exit": k, "top1": a[0], "top5": a[1]} for k, a in zip(exit_ids, acc)]
-    return {"num_images": seen, "exits": exits, "ensemble": {"top1": acc[-1][0], "top5": acc[-1][1]}}
+    result = {"num_images": seen, "exits": exits, "ensemble": {"top1": acc[-1][0], "top5": acc[-1][1]}}
+    if matrices is not None:
+        k = int(round(matrices.shape[1] ** 0.5))
+        result["confusion"] = [m.view(k, k).cpu() for m in matrices]
+    return result

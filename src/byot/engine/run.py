@@ -19,11 +19,13 @@ from byot.data import DataBundle, build_data
 from byot.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from byot.engine.cost import exit_costs
 from byot.engine.evaluate import evaluate
+from byot.engine.reports import class_counts, per_class_table, write_confusion
 from byot.engine.runtime import Runtime, build_optimizer, compile_model, make_runtime
 from byot.engine.train import lr_at, train_one_epoch
 from byot.errors import ByotError
 from byot.losses import SelfDistillLoss
 from byot.models import MultiExitResNet, create_model
+from byot.models.pretrained import describe_load, load_pretrained
 from byot.models.resnet import stage_sizes
 
 log = logging.getLogger("byot")
@@ -171,6 +173,9 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None) -> Session:
     torch.manual_seed(cfg.seed)
     data = load_data(cfg, device)
     model = build_model(cfg, len(data.classes), data.image_size)
+    if cfg.pretrained and checkpoint is None:
+        source = None if cfg.pretrained == "imagenet" else cfg.pretrained
+        log.info("pretrained backbone: %s", describe_load(load_pretrained(model, source)))
     runtime = make_runtime(device, data.mean, data.std, cfg.amp, cfg.channels_last, model)
     model = runtime.place(model)
     _check_single_sample_batches(model, data)
@@ -273,8 +278,12 @@ def _log_start(s: Session, start_epoch: int, best: float) -> None:
              "estimate of performance on unseen data")
 
 
-def test_checkpoint(cfg: TrainConfig, checkpoint: dict) -> dict[str, Any]:
-    """Evaluate a checkpoint on the test split: per-exit and ensemble accuracy plus per-exit cost."""
+def test_checkpoint(cfg: TrainConfig, checkpoint: dict, per_class: bool = False) -> dict[str, Any]:
+    """Evaluate a checkpoint on the test split: per-exit and ensemble accuracy plus per-exit cost.
+
+    ``per_class`` adds "per_class" ({class: [accuracy per exit]}) and writes confusion_exit<k>.png/.csv
+    beside the checkpoint ("confusion_files" lists them).
+    """
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
     _check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
@@ -282,7 +291,14 @@ def test_checkpoint(cfg: TrainConfig, checkpoint: dict) -> dict[str, Any]:
     runtime = make_runtime(device, data.mean, data.std, cfg.amp, cfg.channels_last, model)
     model.load_state_dict(checkpoint["model"])
     model = runtime.place(model)
-    result = evaluate(model, data.test, runtime, model.exit_stages)
+    result = evaluate(model, data.test, runtime, model.exit_stages, confusion=per_class)
+    confusions = result.pop("confusion", None)
+    if confusions is not None:
+        result["per_class"] = per_class_table(data.classes, confusions, model.exit_stages)
+        out_dir = Path(cfg.resume).expanduser().parent if cfg.resume else cfg.run_dir
+        result["confusion_files"] = [str(p) for k, m in zip(model.exit_stages, confusions)
+                                     for p in write_confusion(m, data.classes, k, out_dir)]
+        result["class_counts"] = class_counts(confusions[0])
     costs = exit_costs(model, data.image_size)
     full = costs[-1]["flops"]
     for e, c in zip(result["exits"], costs):
