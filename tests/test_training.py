@@ -3,6 +3,8 @@ balanced class weights; the compile fallback."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
@@ -94,6 +96,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
         return fail
 
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(logging.getLogger("byot"), "propagate", True)  # the CLI tests turn it off
     with caplog.at_level("WARNING", logger="byot"):
         forward = compile_model(model, batch(2)[0], runtime())
     assert forward is model
