@@ -28,8 +28,8 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with AVX512-BF16 or AMX, where oneDNN runs bf16 convolutions natively.
 
-    Elsewhere bf16 is emulated and much slower than fp32 (measured: 1.8 vs 32.7 images/s training
-    multi_resnet18_kd on an AVX2-only EPYC), so "auto" keeps fp32 there.
+    Elsewhere bf16 is emulated and much slower than fp32 (measured: 1.85 vs 29.5 images/s training
+    multi_resnet18_kd on an AVX2-only EPYC, docs/PERFORMANCE.md), so "auto" keeps fp32 there.
     """
     try:
         flags = Path("/proc/cpuinfo").read_text()
