@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 import byot
+from byot.engine.cost import exit_costs
 from byot.errors import ByotError
 from byot.models import create_model, list_models, stage_sizes
-from byot.engine.cost import exit_costs
 
 CHANNELS_LAST = {"multi_resnet18_kd": 8, "multi_resnet34_kd": 8}  # width 1 -> 8 * width channels; x4 otherwise
 
@@ -91,7 +93,7 @@ def test_exit_costs_count_flops_from_the_model():
     costs = exit_costs(model, 32)
     assert [c["exit"] for c in costs] == [1, 2, 3, 4]
     assert costs[-1]["flops"] == pytest.approx(2 * 0.5569e9, rel=0.01)
-    assert all(a["flops"] < b["flops"] for a, b in zip(costs, costs[1:]))
+    assert all(a["flops"] < b["flops"] for a, b in itertools.pairwise(costs))
     # the stem alone: 3x3 conv 3 -> 64 at 32x32 = 2 * 32*32*64*27 FLOPs; stage 1: 4 convs 64->64 3x3
     stem_and_stage1 = 2 * 32 * 32 * 64 * 27 + 4 * 2 * 32 * 32 * 64 * 64 * 9
     assert costs[0]["flops"] > stem_and_stage1

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import byot
 from byot.engine.run import balanced_class_weights

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from byot.losses import SelfDistillLoss  # noqa: E402
-from byot.models import MultiExitOutput, create_model, list_models, register_model  # noqa: E402
+from byot.losses import SelfDistillLoss
+from byot.models import MultiExitOutput, create_model, list_models, register_model
 
 __all__ = ["MultiExitOutput", "SelfDistillLoss", "__version__", "create_model", "list_models", "register_model"]

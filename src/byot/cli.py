@@ -6,8 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from byot import __version__
 from byot.config import TrainConfig
@@ -26,6 +27,9 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="folder with cifar-100-python/, cifar-10-batches-py/ or train/ + test/")
     g.add_argument("--download", action="store_true", help="download CIFAR with torchvision (needs internet)")
     g.add_argument("--image-size", type=int, help="px; default 32 for CIFAR, 224 for image folders")
+    g.add_argument("--val-split", type=float, metavar="FRACTION",
+                   help="hold out this share of every training class to select checkpoints; the test split is "
+                        "then evaluated once, at the end (default 0: select on test, as the reference)")
     g.add_argument("--workers", type=int, help=f"image-folder decoding processes (default {D.workers})")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="leave unreadable image files out (counted in the log) instead of stopping")
@@ -166,8 +170,14 @@ def _run_training(given: dict[str, Any], config_file: str | None, overwrite: boo
     cfg = _replace(cfg, progress=show_bar)
     _log_to_file(cfg.run_dir)
     records = fit(cfg, checkpoint, overwrite=overwrite)
-    if records:
+    if records and "final_test" in records[-1]:
+        final = records[-1]["final_test"]
+        print(f"test split, evaluated once with model_best (epoch {final['epoch']}, selected on validation):")
+        print(format_table(final["exits"], final["ensemble"], None))
+    elif records:
+        print(f"last epoch, {records[-1]['eval_split']} split:")
         print(format_table(records[-1]["exits"], records[-1]["ensemble"], None))
+    if records:
         print(f"run directory: {cfg.run_dir}")
     return 0
 
@@ -264,8 +274,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def format_bench(r: dict) -> str:
     full = r["exits"][-1]["flops"]
-    lines = [f"{r['arch']} (width {r['width']}) on {r['device']}, batch {r['batch_size']}, {r['image_size']} px, "
-             f"amp {r['amp']}, channels_last {r['channels_last']}, compile {r['compile']}",
+    lines = [(f"{r['arch']} (width {r['width']}) on {r['device']}, batch {r['batch_size']}, {r['image_size']} px, "
+              f"amp {r['amp']}, channels_last {r['channels_last']}, compile {r['compile']}"),
              f"training: {r['train_images_per_s']:.1f} images/s, peak memory {r['peak_memory_mb']:.0f} MB",
              f"{'exit':<6}{'infer img/s':>13}{'MFLOPs':>10}{'compute':>9}"]
     for e in r["exits"]:

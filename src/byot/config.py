@@ -26,6 +26,7 @@ class TrainConfig:
     data_dir: str | None = None  # folder holding the data set
     download: bool = False  # fetch CIFAR with torchvision's downloader (needs internet)
     image_size: int | None = None  # px; None: 32 for CIFAR, 224 for image folders
+    val_split: float = 0.0  # share of each training class held out to select checkpoints; 0: select on test
     workers: int = 4  # DataLoader processes decoding image-folder files (CIFAR lives in memory)
     skip_corrupt: bool = False  # leave unreadable image-folder files out (listed) instead of stopping
     class_weights: str = "none"  # "balanced": label terms weighted by N / (K * n_class), for imbalanced data
@@ -130,6 +131,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
         (cfg.workers >= 0, "--workers must be >= 0"),
         (cfg.accum_steps >= 1, "--accum-steps must be at least 1"),
+        (0.0 <= cfg.val_split < 1.0, "--val-split must lie in [0, 1)"),
         (cfg.class_weights in ("none", "balanced"), "--class-weights must be none or balanced"),
         (cfg.print_freq >= 1, "--print-freq must be at least 1"),
     ]

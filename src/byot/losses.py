@@ -9,7 +9,7 @@ z_i are exit i's logits, f_i its pooled features; exit 4 (the deepest) is the te
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -48,11 +49,30 @@ class DataBundle:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     train_counts: list[int]  # training images per class
+    val: Batches | None = None  # hold-out from the training set (--val-split): selects checkpoints
+
+
+def stratified_holdout(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(keep, holdout) indices: ``fraction`` of every class held out (at least one image of a class
+    with two or more), drawn with a generator seeded by ``seed``; both lists sorted."""
+    g = torch.Generator().manual_seed(seed + 7919)  # not the data-order stream of epoch 0
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    holdout: list[int] = []
+    for label in sorted(by_class):
+        idx = by_class[label]
+        n = len(idx)
+        take = min(max(round(n * fraction), 1), n - 1) if n >= 2 else 0
+        holdout += [idx[j] for j in torch.randperm(n, generator=g)[:take].tolist()]
+    held = set(holdout)
+    return [i for i in range(len(labels)) if i not in held], sorted(holdout)
 
 
 def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: int | None, seed: int,
                device: torch.device, workers: int = 0, download: bool = False,
-               eval_batch_size: int | None = None, skip_corrupt: bool = False) -> DataBundle:
+               eval_batch_size: int | None = None, skip_corrupt: bool = False,
+               val_split: float = 0.0) -> DataBundle:
     """Load ``dataset`` and wrap both splits in epoch-wise batch iterators on ``device``.
 
     Image folders are scanned first: every file is decoded once, and unreadable ones stop the run
@@ -69,10 +89,16 @@ def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: 
         test_index = index_folder(find_split(root, ("test", "val")), train_index.classes)
         train_index = _preflight(train_index, "training", workers, skip_corrupt)
         test_index = _preflight(test_index, "test", workers, skip_corrupt)
+        val = None
+        if val_split > 0:
+            keep, held = stratified_holdout(train_index.labels, val_split, seed)
+            val_index = _pick(train_index, held)
+            train_index = _pick(train_index, keep)
+            val = FolderBatches(val_index, size, eval_batch_size, False, seed, device, workers)
         return DataBundle(
             FolderBatches(train_index, size, batch_size, True, seed, device, workers),
             FolderBatches(test_index, size, eval_batch_size, False, seed, device, workers),
-            train_index.classes, size, mean, std, _counts(train_index.labels, len(train_index.classes)))
+            train_index.classes, size, mean, std, _counts(train_index.labels, len(train_index.classes)), val)
     if dataset == "digits":
         train, test = load_digits(image_size or 32)
     elif dataset in ("cifar10", "cifar100"):
@@ -81,15 +107,19 @@ def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: 
         train, test = load_cifar(_existing_dir(data_dir, dataset, create=download), dataset, download)
     else:
         raise ByotError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return _tensor_bundle(train, test, batch_size, eval_batch_size, seed, device, mean, std)
-
-
-def _tensor_bundle(train: ImageSet, test: ImageSet, batch_size: int, eval_batch_size: int, seed: int,
-                   device: torch.device, mean: tuple, std: tuple) -> DataBundle:
+    val = None
+    if val_split > 0:
+        keep, held = stratified_holdout(train.labels.tolist(), val_split, seed)
+        train, held_out = train.subset(torch.tensor(keep)), train.subset(torch.tensor(held, dtype=torch.long))
+        val = TensorBatches(held_out, eval_batch_size, False, seed, device)
     return DataBundle(TensorBatches(train, batch_size, True, seed, device),
                       TensorBatches(test, eval_batch_size, False, seed, device),
                       train.classes, train.images.shape[-1], mean, std,
-                      _counts(train.labels.tolist(), len(train.classes)))
+                      _counts(train.labels.tolist(), len(train.classes)), val)
+
+
+def _pick(index: FolderIndex, positions: list[int]) -> FolderIndex:
+    return FolderIndex([index.paths[i] for i in positions], [index.labels[i] for i in positions], index.classes)
 
 
 def _counts(labels: list[int], num_classes: int) -> list[int]:

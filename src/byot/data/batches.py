@@ -6,7 +6,7 @@ is the same whether the run was interrupted before it or not: resume needs no da
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

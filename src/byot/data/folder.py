@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -134,7 +134,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
 
 class _EpochBatchSampler:
-    def __init__(self, owner: "FolderBatches") -> None:
+    def __init__(self, owner: FolderBatches) -> None:
         self.owner = owner
 
     def __len__(self) -> int:

@@ -24,6 +24,6 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: torch.Tensor) -> "ImageSet":
+    def subset(self, indices: torch.Tensor) -> ImageSet:
         """The images at ``indices`` (a view of the same classes)."""
         return ImageSet(self.images[indices], self.labels[indices], self.classes)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from byot.data import Batches
 from byot.engine.runtime import Runtime
@@ -51,6 +52,6 @@ def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Seq
     exits = [{"exit": k, "top1": a[0], "top5": a[1]} for k, a in zip(exit_ids, acc)]
     result = {"num_images": seen, "exits": exits, "ensemble": {"top1": acc[-1][0], "top5": acc[-1][1]}}
     if matrices is not None:
-        k = int(round(matrices.shape[1] ** 0.5))
+        k = round(matrices.shape[1] ** 0.5)
         result["confusion"] = [m.view(k, k).cpu() for m in matrices]
     return result

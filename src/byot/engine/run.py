@@ -6,12 +6,13 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from byot import __version__
 from byot.config import TrainConfig, build_config, check_model_options, config_to_dict, load_yaml, save_yaml
@@ -65,7 +66,7 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> MultiExi
 
 def load_data(cfg: TrainConfig, device: torch.device) -> DataBundle:
     return build_data(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.image_size, cfg.seed, device,
-                      cfg.workers, cfg.download, skip_corrupt=cfg.skip_corrupt)
+                      cfg.workers, cfg.download, skip_corrupt=cfg.skip_corrupt, val_split=cfg.val_split)
 
 
 def build_loss(cfg: TrainConfig, data: DataBundle, device: torch.device) -> SelfDistillLoss:
@@ -139,8 +140,8 @@ def _write_tensorboard(writer: Any, record: dict[str, Any]) -> None:
     for name, value in record["losses"].items():
         writer.add_scalar(f"train/{name}", value, step)
     for e in record["exits"]:
-        writer.add_scalar(f"test/top1_exit{e['exit']}", e["top1"], step)
-    writer.add_scalar("test/top1_ensemble", record["ensemble"]["top1"], step)
+        writer.add_scalar(f"{record['eval_split']}/top1_exit{e['exit']}", e["top1"], step)
+    writer.add_scalar(f"{record['eval_split']}/top1_ensemble", record["ensemble"]["top1"], step)
     writer.add_scalar("train/images_per_s", record["train_images_per_s"], step)
     writer.flush()
 
@@ -149,7 +150,7 @@ def epoch_summary(record: dict[str, Any], epochs: int) -> str:
     """The one-line summary printed after each epoch."""
     exits = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in record["exits"])
     return (f"epoch {record['epoch']}/{epochs} lr {record['lr']:.4g} loss {record['losses'].get('loss', 0.0):.4f}"
-            f" | test top-1 {exits} ensemble {record['ensemble']['top1']:.2f}"
+            f" | {record['eval_split']} top-1 {exits} ensemble {record['ensemble']['top1']:.2f}"
             f" | {record['train_images_per_s']:.0f} img/s, {record['epoch_seconds']:.1f} s")
 
 
@@ -228,7 +229,22 @@ def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = Fals
             on_epoch(record)
     if writer is not None:
         writer.close()
+    if s.data.val is not None and records and records[-1]["epoch"] == cfg.epochs:
+        records[-1]["final_test"] = _final_test(s, run_dir)
     return records
+
+
+def _final_test(s: Session, run_dir: Path) -> dict[str, Any]:
+    """With a validation split, the test split is seen once: by model_best, after training."""
+    best = load_checkpoint(run_dir / BEST)
+    s.model.load_state_dict(best["model"])
+    result = {"checkpoint": str(run_dir / BEST), "epoch": best["epoch"],
+              **evaluate(s.forward, s.data.test, s.runtime, s.model.exit_stages)}
+    (run_dir / "test_result.json").write_text(json.dumps(result, indent=1) + "\n")
+    exits = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in result["exits"])
+    log.info("test split, evaluated once with model_best (epoch %d, selected on validation): top-1 %s "
+             "ensemble %.2f", best["epoch"], exits, result["ensemble"]["top1"])
+    return result
 
 
 def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
@@ -243,9 +259,10 @@ def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
         if not math.isfinite(value):
             raise ByotError(f"loss term {name} became non-finite in epoch {epoch + 1}; the last good checkpoint "
                             f"is kept; try a lower --lr (now {s.cfg.lr})")
-    result = evaluate(s.forward, s.data.test, s.runtime, s.model.exit_stages)
-    return {"epoch": epoch + 1, "lr": lr, "losses": stats["losses"],
-            "train_top1": stats["train_top1"], "exits": result["exits"], "ensemble": result["ensemble"],
+    split = "val" if s.data.val is not None else "test"
+    result = evaluate(s.forward, s.data.val or s.data.test, s.runtime, s.model.exit_stages)
+    return {"epoch": epoch + 1, "lr": lr, "losses": stats["losses"], "train_top1": stats["train_top1"],
+            "eval_split": split, "exits": result["exits"], "ensemble": result["ensemble"],
             "epoch_seconds": time.perf_counter() - start, "train_seconds": stats["seconds"],
             "train_images_per_s": stats["images"] / max(stats["seconds"], 1e-9)}
 
@@ -274,8 +291,13 @@ def _log_start(s: Session, start_epoch: int, best: float) -> None:
              data.image_size, cfg.run_dir)
     counts = ", ".join(f"{name} {n}" for name, n in zip(data.classes, data.train_counts))
     log.info("training images per class: %s", counts if len(counts) < 2000 else counts[:2000] + " ...")
-    log.info("test-set evaluation every epoch selects model_best.pth.tar: its accuracy is an optimistic "
-             "estimate of performance on unseen data")
+    if data.val is not None:
+        log.info("checkpoints are selected on a validation hold-out of %d training images (--val-split %g); "
+                 "the test split is evaluated once, at the end, with model_best", data.val.num_samples,
+                 cfg.val_split)
+    else:
+        log.info("test-set evaluation every epoch selects model_best.pth.tar: its accuracy is an optimistic "
+                 "estimate of performance on unseen data (use --val-split to keep the test split unseen)")
 
 
 def test_checkpoint(cfg: TrainConfig, checkpoint: dict, per_class: bool = False) -> dict[str, Any]:

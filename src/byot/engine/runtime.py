@@ -10,10 +10,9 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import ContextManager
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from byot.data.transforms import normalize
 from byot.errors import ByotError
@@ -71,7 +70,7 @@ class Runtime:
         x = normalize(images, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for the forward pass only: the loss is computed outside it, in fp32."""
         dtype = _DTYPES[self.amp]
         if dtype is None:
@@ -131,7 +130,7 @@ def compile_model(model: nn.Module, example: torch.Tensor, runtime: Runtime) -> 
         with runtime.autocast():
             out = compiled(runtime.inputs(example))
         sum(z.float().sum() for z in out.logits).backward()
-    except Exception as e:  # compilers fail in many ways (no C compiler, unsupported op, ...)
+    except Exception as e:  # noqa: BLE001  compilers fail in many ways (no C compiler, unsupported op, ...)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("torch.compile failed (%s); training runs eagerly", reason[:200])
         compiled = model

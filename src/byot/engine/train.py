@@ -7,15 +7,15 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from byot.data import Batches
 from byot.engine.runtime import Runtime
 from byot.losses import SelfDistillLoss
-from byot.models import MultiExitOutput
 
 log = logging.getLogger("byot.train")
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import torch.nn as nn
+from torch import nn
 
 from byot.errors import ByotError
 

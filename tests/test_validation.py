@@ -1,0 +1,38 @@
+"""--val-split: a stratified hold-out selects checkpoints; the test split is seen once, at the end."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from byot.data import stratified_holdout
+from byot.engine import run
+
+
+def test_holdout_is_stratified_disjoint_and_seeded():
+    labels = [0] * 10 + [1] * 5 + [2] * 2 + [3]  # class 3 has one image: it stays in training
+    keep, held = stratified_holdout(labels, 0.2, seed=0)
+    assert sorted(keep + held) == list(range(len(labels))) and not set(keep) & set(held)
+    assert Counter(labels[i] for i in held) == {0: 2, 1: 1, 2: 1}
+    assert stratified_holdout(labels, 0.2, seed=0) == (keep, held)
+    assert any(stratified_holdout(labels, 0.2, seed=s)[1] != held for s in range(1, 5))
+
+
+def test_training_never_looks_at_the_test_split_until_the_end(tmp_path, cifar100_small, monkeypatch):
+    seen = []
+    real_evaluate = run.evaluate
+
+    def spying_evaluate(model, batches, *args, **kwargs):
+        seen.append(batches)
+        return real_evaluate(model, batches, *args, **kwargs)
+
+    monkeypatch.setattr(run, "evaluate", spying_evaluate)
+    cfg, _ = run.resolve_config({"data_dir": str(cifar100_small), "width": 4, "epochs": 2, "batch_size": 64,
+                                 "val_split": 0.25, "progress": False, "save_folder": str(tmp_path)})
+    records = run.fit(cfg)
+    data_test_calls = [b for b in seen if b.num_samples == 101]  # the test split has 101 images
+    assert len(seen) == 3 and len(data_test_calls) == 1 and seen[-1] is data_test_calls[0]
+    assert [r["eval_split"] for r in records] == ["val", "val"]
+    final = json.loads((tmp_path / "multi_resnet18_kd" / "test_result.json").read_text())
+    assert final["num_images"] == 101 and final == records[-1]["final_test"]
+    assert seen[0].num_samples == seen[1].num_samples < 101  # the hold-out, not the test split
