@@ -192,3 +192,27 @@ def test_cli_process_exit_code_and_one_line(tmp_path):
                           check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("byot: error: no checkpoint at")
+
+
+def test_resume_tolerates_a_cut_metrics_line_and_an_equal_image_size(tmp_path, cifar100_small, capsys):
+    assert train(tmp_path, cifar100_small, "--epochs", "1") == 0
+    run = tmp_path / "multi_resnet18_kd"
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "lr"')  # a crash in the middle of the append
+    ckpt = str(run / "checkpoint_latest.pth.tar")
+    assert main(["train", "multi_resnet18_kd", "--resume", ckpt, "--epochs", "2", "--no-progress"]) == 0
+    assert [r["epoch"] for r in metrics(run)] == [1, 2]
+    # the CIFAR run was trained at the data set's own 32 px: saying so again is no clash
+    capsys.readouterr()
+    assert main(["test", "multi_resnet18_kd", "--data-dir", str(cifar100_small), "--resume", ckpt,
+                 "--image-size", "32", "--json"]) == 0
+    assert main(["test", "multi_resnet18_kd", "--data-dir", str(cifar100_small), "--resume", ckpt,
+                 "--image-size", "64"]) == 2
+
+
+def test_bad_yaml_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("width: [1, 2\nepochs: 3\n")
+    assert main(["train", "multi_resnet18_kd", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("byot: error: config") and "\n" not in err

@@ -203,10 +203,10 @@ def cmd_test(args: argparse.Namespace) -> int:
     from byot.engine.run import resolve_config, test_checkpoint
 
     given = _given(args, "json", "per_class")
-    if not given.get("resume"):
-        raise ByotError("byot test needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
     _setup_logging(False)
     cfg, checkpoint = resolve_config(given, getattr(args, "config_file", None))
+    if checkpoint is None:
+        raise ByotError("byot test needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
     per_class = getattr(args, "per_class", False)
     result = test_checkpoint(cfg, checkpoint, per_class)
     if getattr(args, "json", False):

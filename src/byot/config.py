@@ -73,7 +73,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ByotError(f"cannot read config {path}: {e.strerror}") from e
     except yaml.YAMLError as e:
-        raise ByotError(f"config {path} is not valid YAML: {e}") from e
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ByotError(f"config {path} is not valid YAML: {detail}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

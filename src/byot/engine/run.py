@@ -41,7 +41,9 @@ def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tup
         return build_config({}, explicit), None
     checkpoint = load_checkpoint(explicit["resume"])
     saved = dict(checkpoint.get("config", {}))
-    check_model_options(saved, explicit, explicit["resume"])
+    # None meant "the data set's own size"; compare a given --image-size with the size it became
+    effective = {**saved, "image_size": saved.get("image_size") or checkpoint.get("image_size")}
+    check_model_options(effective, explicit, explicit["resume"])
     saved.pop("device", None)  # where it ran before says nothing about where it runs now
     return build_config(saved, explicit), checkpoint
 
@@ -118,9 +120,17 @@ def _reset_metrics(path: Path, last_epoch: int) -> None:
     """Keep the metrics of epochs the checkpoint has seen (a crash may have logged one more)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch]
+    kept = [line for line in path.read_text().splitlines() if _epoch_of(line) is not None
+            and _epoch_of(line) <= last_epoch]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a metrics line; None for a line a crash cut short."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _open_tensorboard(run_dir: Path) -> Any:
@@ -236,9 +246,13 @@ def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = Fals
 
 def _final_test(s: Session, run_dir: Path) -> dict[str, Any]:
     """With a validation split, the test split is seen once: by model_best, after training."""
-    best = load_checkpoint(run_dir / BEST)
+    path = run_dir / BEST
+    if not path.exists():  # resumed into a folder without it: the best epoch was before the resume
+        log.warning("%s is missing (the run was resumed elsewhere); testing %s instead", path, LATEST)
+        path = run_dir / LATEST
+    best = load_checkpoint(path)
     s.model.load_state_dict(best["model"])
-    result = {"checkpoint": str(run_dir / BEST), "epoch": best["epoch"],
+    result = {"checkpoint": str(path), "epoch": best["epoch"],
               **evaluate(s.forward, s.data.test, s.runtime, s.model.exit_stages)}
     (run_dir / "test_result.json").write_text(json.dumps(result, indent=1) + "\n")
     exits = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in result["exits"])
