@@ -216,3 +216,21 @@ def test_bad_yaml_is_one_line(tmp_path, capsys):
     assert main(["train", "multi_resnet18_kd", "--config", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("byot: error: config") and "\n" not in err
+
+
+def test_resume_auto_starts_continues_and_falls_back(tmp_path, cifar100_small, capsys):
+    auto = ["--resume", "auto"]
+    assert train(tmp_path, cifar100_small, "--epochs", "1", *auto) == 0  # nothing to resume: a new run
+    run = tmp_path / "multi_resnet18_kd"
+    assert [r["epoch"] for r in metrics(run)] == [1]
+    assert train(tmp_path, cifar100_small, "--epochs", "2", *auto) == 0  # continues after epoch 1
+    assert [r["epoch"] for r in metrics(run)] == [1, 2]
+    assert torch.load(run / "checkpoint_previous.pth.tar", weights_only=True)["epoch"] == 1
+    latest = run / "checkpoint_latest.pth.tar"
+    latest.write_bytes(latest.read_bytes()[:4096])  # the newest file is cut short
+    capsys.readouterr()
+    assert train(tmp_path, cifar100_small, "--epochs", "2", *auto) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {latest}" in err and "checkpoint_previous.pth.tar" in err
+    assert [r["epoch"] for r in metrics(run)] == [1, 2]  # epoch 2 was trained again from epoch 1's state
+    assert torch.load(latest, weights_only=True)["epoch"] == 2

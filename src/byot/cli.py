@@ -52,7 +52,8 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
                    help="keep NCHW memory format (channels-last is faster on oneDNN CPUs and tensor-core GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (eager if it fails)")
     g.add_argument("--seed", type=int, help=f"seeds weights, order and augmentation (default {D.seed})")
-    g.add_argument("--resume", help="checkpoint to continue from (train) or to evaluate (test)")
+    g.add_argument("--resume", help="checkpoint to continue from (train) or to evaluate (test); 'auto': the "
+                   "newest readable checkpoint of the run directory (latest, else previous), or a new run")
     g.add_argument("--save-folder", help=f"run directory = SAVE_FOLDER/ARCH (default {D.save_folder})")
     g.add_argument("--config", dest="config_file", metavar="FILE.yaml",
                    help="YAML file of options (names as the flags); flags given here override it")
@@ -164,9 +165,10 @@ def _log_to_file(run_dir: Path) -> None:
 def _run_training(given: dict[str, Any], config_file: str | None, overwrite: bool) -> int:
     from byot.engine.run import fit, resolve_config
 
-    cfg, checkpoint = resolve_config(given, config_file)
-    show_bar = cfg.progress and sys.stderr.isatty()
+    show_bar = given.get("progress", True) and sys.stderr.isatty()
     _setup_logging(show_bar)
+    cfg, checkpoint = resolve_config(given, config_file)
+    show_bar = cfg.progress and show_bar
     cfg = _replace(cfg, progress=show_bar)
     _log_to_file(cfg.run_dir)
     records = fit(cfg, checkpoint, overwrite=overwrite)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,11 +33,14 @@ from byot.models.resnet import stage_sizes
 log = logging.getLogger("byot")
 
 LATEST, BEST, METRICS = "checkpoint_latest.pth.tar", "model_best.pth.tar", "metrics.jsonl"
+PREVIOUS = "checkpoint_previous.pth.tar"  # the epoch before LATEST: the fallback of --resume auto
 
 
 def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, dict | None]:
     """defaults -> checkpoint's config (with --resume) -> YAML file -> flags; returns (config, checkpoint)."""
     explicit = {**(load_yaml(config_file) if config_file else {}), **given}
+    if explicit.get("resume") == "auto":
+        explicit["resume"] = find_resumable(build_config({}, {**explicit, "resume": None}).run_dir)
     if not explicit.get("resume"):
         return build_config({}, explicit), None
     checkpoint = load_checkpoint(explicit["resume"])
@@ -46,6 +50,23 @@ def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tup
     check_model_options(effective, explicit, explicit["resume"])
     saved.pop("device", None)  # where it ran before says nothing about where it runs now
     return build_config(saved, explicit), checkpoint
+
+
+def find_resumable(run_dir: Path) -> str | None:
+    """The newest readable checkpoint of ``run_dir`` (latest, else previous), or None for a new run."""
+    for name in (LATEST, PREVIOUS):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            load_checkpoint(path)
+        except ByotError as e:
+            log.warning("--resume auto: skipping %s: %s", path, e)
+            continue
+        log.info("--resume auto: continuing from %s", path)
+        return str(path)
+    log.info("--resume auto: no checkpoint in %s; starting a new run", run_dir)
+    return None
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -227,6 +248,8 @@ def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = Fals
         best = max(best, record["exits"][-1]["top1"])
         record["best_top1"] = best
         state = _checkpoint_state(s, epoch + 1, best)
+        if (run_dir / LATEST).exists():
+            os.replace(run_dir / LATEST, run_dir / PREVIOUS)  # keep the last two epochs
         save_checkpoint(state, run_dir / LATEST)
         if record["exits"][-1]["top1"] >= best:
             save_checkpoint(state, run_dir / BEST)
