@@ -168,7 +168,7 @@ def test_error_bad_checkpoints(tmp_path, cifar100_small, capsys):
     assert "no checkpoint at" in error_line(capsys)
 
 
-def test_error_class_count_mismatch(tmp_path, cifar100_small, cifar10_jpg, capsys):
+def test_error_dataset_mismatch(tmp_path, cifar100_small, cifar10_jpg, capsys):
     assert train(tmp_path, cifar100_small, "--epochs", "1") == 0
     ckpt = str(tmp_path / "multi_resnet18_kd" / "checkpoint_latest.pth.tar")
     capsys.readouterr()

@@ -74,7 +74,7 @@ def test_split_refuses_a_non_empty_destination(tmp_path, hospital, capsys):
     assert (out / "something").read_text() == "keep me"
 
 
-def test_per_class_report_and_pretrained_backbone(tmp_path, hospital, capsys):
+def test_per_class_report_and_pretrained_backbone(tmp_path, hospital, cifar10_jpg, capsys):
     import torch
     import torchvision
 
@@ -104,3 +104,7 @@ def test_per_class_report_and_pretrained_backbone(tmp_path, hospital, capsys):
         assert (ckpt.parent / f"confusion_exit{k}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         rows = (ckpt.parent / f"confusion_exit{k}.csv").read_text().splitlines()
         assert len(rows) == 9 and rows[0].split(",")[1:] == [str(i) for i in range(1, 9)]
+    # an image folder with another class count (10 CIFAR-10 classes, not 8): one clear error
+    capsys.readouterr()
+    assert main(["test", "multi_resnet18_kd", "--data-dir", str(cifar10_jpg), "--resume", str(ckpt)]) == 2
+    assert "has 8 classes but the data has 10" in capsys.readouterr().err

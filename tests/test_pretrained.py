@@ -28,20 +28,22 @@ def _randomised(builder) -> torch.nn.Module:
     return net.eval()
 
 
-@pytest.fixture(scope="module")
-def resnet18_file(tmp_path_factory):
-    net = _randomised(torchvision.models.resnet18)
-    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+def _saved(builder, tmp_path_factory):
+    """A randomised torchvision ResNet and the path of its saved state dict."""
+    net = _randomised(builder)
+    path = tmp_path_factory.mktemp("weights") / f"{builder.__name__}.pth"
     torch.save(net.state_dict(), path)
     return net, path
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory):
+    return _saved(torchvision.models.resnet18, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def resnet50_file(tmp_path_factory):
-    net = _randomised(torchvision.models.resnet50)
-    path = tmp_path_factory.mktemp("weights") / "resnet50.pth"
-    torch.save(net.state_dict(), path)
-    return net, path
+    return _saved(torchvision.models.resnet50, tmp_path_factory)
 
 
 def _model(name: str = "multi_resnet18_kd", **options) -> torch.nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -169,7 +170,7 @@ def _run_training(given: dict[str, Any], config_file: str | None, overwrite: boo
     _setup_logging(show_bar)
     cfg, checkpoint = resolve_config(given, config_file)
     show_bar = cfg.progress and show_bar
-    cfg = _replace(cfg, progress=show_bar)
+    cfg = dataclasses.replace(cfg, progress=show_bar)
     _log_to_file(cfg.run_dir)
     records = fit(cfg, checkpoint, overwrite=overwrite)
     if records and "final_test" in records[-1]:
@@ -182,12 +183,6 @@ def _run_training(given: dict[str, Any], config_file: str | None, overwrite: boo
     if records:
         print(f"run directory: {cfg.run_dir}")
     return 0
-
-
-def _replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
