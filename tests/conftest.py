@@ -74,3 +74,18 @@ def cifar10_jpg(tmp_path_factory) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(tar.extractfile(member).read())
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    """model_best of a real (if small) run: multi_resnet18_kd, width 8, 16 px digits, 12 epochs, 25% held
+    out for validation. About 7 s on the 2-core CPU. Tests copy it before changing it."""
+    from byot.config import build_config
+    from byot.engine.run import fit
+
+    root = tmp_path_factory.mktemp("digits_run")
+    cfg = build_config({}, {"arch": "multi_resnet18_kd", "dataset": "digits", "width": 8, "epochs": 12,
+                            "batch_size": 64, "lr": 0.05, "schedule": "cosine", "val_split": 0.25,
+                            "image_size": 16, "save_folder": str(root), "progress": False})
+    fit(cfg, overwrite=True)
+    return root / "multi_resnet18_kd" / "model_best.pth.tar"

@@ -131,7 +131,58 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variants", action="store_true",
                        help="fp32 eager, + channels_last, + autocast, + compile, each with its ratio to the first")
     bench.add_argument("--json", action="store_true", help="print one JSON object (a list with --variants)")
+    _add_deployment(sub, arch_help)
     return parser
+
+
+def _add_policy(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("early-exit policy")
+    g.add_argument("--threshold", type=float, nargs="+", metavar="T",
+                   help="leave at a shallow exit when its (calibrated) max softmax >= T: one value for every "
+                        "shallow exit or one each; default: the thresholds early-exit fitted, else none")
+    g.add_argument("--final", choices=("deepest", "ensemble"),
+                   help="who answers what no shallow exit takes: the deepest exit (default) or the mean of all")
+    g.add_argument("--no-calibration", dest="calibration", action="store_false",
+                   help="ignore the temperatures byot calibrate stored in the checkpoint")
+
+
+def _add_deployment(sub: argparse._SubParsersAction, arch_help: str) -> None:
+    cal = sub.add_parser("calibrate", help="fit one temperature per exit on the validation split",
+                         argument_default=argparse.SUPPRESS)
+    cal.add_argument("arch", help=arch_help)
+    _add_model_and_data(cal)
+    cal.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ee = sub.add_parser("early-exit", help="accuracy vs FLOPs of confidence-based early exit; fit thresholds",
+                        argument_default=argparse.SUPPRESS)
+    ee.add_argument("arch", help=arch_help)
+    _add_model_and_data(ee)
+    _add_policy(ee)
+    fit = ee.add_mutually_exclusive_group()
+    fit.add_argument("--budget-flops", type=float, metavar="F",
+                     help="fit thresholds on validation: the most accurate policy within F FLOPs per image")
+    fit.add_argument("--max-drop", type=float, metavar="POINTS",
+                     help="fit thresholds on validation: the cheapest policy at most POINTS top-1 below the "
+                          "final exit")
+    ee.add_argument("--time", action="store_true",
+                    help="also time the real early-exit cascade against the full network at batch 1 and 64")
+    ee.add_argument("--out", help="folder for curve.json/.csv/.png (default: early_exit/ beside the checkpoint)")
+    ee.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    exp = sub.add_parser("export", help="the network up to one exit (or all) as ONNX, TorchScript or safetensors",
+                         argument_default=argparse.SUPPRESS)
+    exp.add_argument("arch", help=arch_help)
+    exp.add_argument("--resume", required=True, help="the checkpoint to export")
+    exp.add_argument("--exit", dest="exit_number", default="4", help="exit 1-4, or 'all' (default 4)")
+    exp.add_argument("--format", dest="fmt", choices=("onnx", "torchscript", "safetensors"), default="onnx")
+    exp.add_argument("--out", required=True, help="file to write")
+    exp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    pred = sub.add_parser("predict", help="classify image files with the early-exit model",
+                          argument_default=argparse.SUPPRESS)
+    pred.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    pred.add_argument("--resume", required=True, help="the checkpoint to predict with")
+    pred.add_argument("--batch-size", type=int, help="images per forward pass (default: the checkpoint's)")
+    pred.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    _add_policy(pred)
+    pred.add_argument("--json", action="store_true", help="print one JSON list on stdout")
 
 
 def _cuda() -> bool:
@@ -220,6 +271,70 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+POLICY_OPTIONS = ("threshold", "final", "calibration")
+
+
+def _trained(args: argparse.Namespace, *drop: str) -> tuple[TrainConfig, dict]:
+    """The run configuration and checkpoint of a command that works on a trained model."""
+    from byot.engine.run import resolve_config
+
+    _setup_logging(False)
+    cfg, checkpoint = resolve_config(_given(args, *drop), getattr(args, "config_file", None))
+    if checkpoint is None:
+        raise ByotError(f"byot {args.command} needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
+    return cfg, checkpoint
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from byot.deploy.run import calibrate
+    from byot.deploy.tables import format_calibration
+
+    cfg, checkpoint = _trained(args, "json")
+    result = calibrate(cfg, checkpoint)
+    print(json.dumps(result) if getattr(args, "json", False) else format_calibration(result))
+    return 0
+
+
+def cmd_early_exit(args: argparse.Namespace) -> int:
+    from byot.deploy.run import early_exit
+    from byot.deploy.tables import format_early_exit
+
+    options = ("json", "budget_flops", "max_drop", "time", "out", *POLICY_OPTIONS)
+    cfg, checkpoint = _trained(args, *options)
+    o = {k: getattr(args, k, None) for k in options}
+    out = Path(o["out"]) if o["out"] else None
+    result = early_exit(cfg, checkpoint, out, o["final"] or "deepest", o["budget_flops"], o["max_drop"],
+                        o["threshold"], getattr(args, "calibration", True), bool(o["time"]))
+    print(json.dumps(result) if o["json"] else format_early_exit(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from byot.deploy.run import export_checkpoint
+    from byot.deploy.tables import format_export
+
+    cfg, checkpoint = _trained(args, "exit_number", "fmt", "out", "json")
+    result = export_checkpoint(cfg, checkpoint, args.exit_number, args.fmt, Path(args.out))
+    print(json.dumps(result) if getattr(args, "json", False) else format_export(result))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Exit 0 when every file was classified, 1 when some could not be read (listed on stderr)."""
+    from byot.deploy.predict import predict_paths
+    from byot.deploy.tables import format_predictions
+
+    cfg, checkpoint = _trained(args, "paths", "json", *POLICY_OPTIONS)
+    rows, errors = predict_paths(cfg, checkpoint, args.paths, getattr(args, "threshold", None),
+                                 getattr(args, "final", None), getattr(args, "calibration", True))
+    for line in errors:
+        print(f"byot: {line}", file=sys.stderr)
+    if not rows:
+        raise ByotError(f"none of the {len(errors)} file(s) could be read as an image")
+    print(json.dumps(rows) if getattr(args, "json", False) else format_predictions(rows))
+    return 1 if errors else 0
+
+
 def format_table(exits: list[dict], ensemble: dict, costs: list[dict] | None) -> str:
     """Per-exit accuracy table; with ``costs`` a column of each exit's share of the full compute."""
     head = f"{'exit':<9}{'top-1':>8}{'top-5':>8}" + (f"{'compute':>10}{'MFLOPs':>10}" if costs else "")
@@ -294,7 +409,8 @@ def format_variants(rows: list[dict]) -> str:
 
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo, "bench": cmd_bench, "split": cmd_split,
-            "check-data": cmd_check_data}
+            "check-data": cmd_check_data, "calibrate": cmd_calibrate, "early-exit": cmd_early_exit,
+            "export": cmd_export, "predict": cmd_predict}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

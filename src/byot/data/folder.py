@@ -81,6 +81,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def resize_center_crop(image: Image.Image, size: int, ratio: float = RESIZE_RATIO) -> Image.Image:
+    """The evaluation transform: the short side resized to size / ratio (bilinear), then the centre
+    size x size square. ``ratio`` 1 keeps the whole short side (for models trained on whole images)."""
+    short = round(size / ratio)
+    scale = short / min(image.size)
+    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                         Image.BILINEAR)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> uint8 (3, H, W)."""
+    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
 def _random_resized_crop_box(width: int, height: int, g: torch.Generator) -> tuple[int, int, int, int]:
     """(left, top, w, h) as torchvision's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3))."""
     area = width * height
@@ -117,20 +134,14 @@ class FolderDataset(torch.utils.data.Dataset):
             raise ByotError(f"cannot read image {path}: {e}") from e
         s = self.image_size
         if seed is None:
-            short = round(s / RESIZE_RATIO)
-            scale = short / min(image.size)
-            image = image.resize((max(s, round(image.width * scale)), max(s, round(image.height * scale))),
-                                 Image.BILINEAR)
-            left, top = (image.width - s) // 2, (image.height - s) // 2
-            image = image.crop((left, top, left + s, top + s))
+            image = resize_center_crop(image, s)
         else:
             g = torch.Generator().manual_seed(seed)
             left, top, w, h = _random_resized_crop_box(image.width, image.height, g)
             image = image.resize((s, s), Image.BILINEAR, box=(left, top, left + w, top + h))
             if torch.rand(1, generator=g).item() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        array = np.asarray(image, dtype=np.uint8)  # (S, S, 3)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1), self.index.labels[i]
+        return to_uint8_tensor(image), self.index.labels[i]
 
 
 class _EpochBatchSampler:

@@ -43,6 +43,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def update_checkpoint(path: str | Path, entries: dict[str, Any]) -> None:
+    """Add or replace top-level ``entries`` (a calibration, a fitted exit policy) in the checkpoint at
+    ``path``, atomically: a crash leaves the old file."""
+    state = load_checkpoint(path)
+    state.update(entries)
+    state.pop("format", None)
+    save_checkpoint(state, Path(path).expanduser())
+
+
 def rng_state() -> dict[str, Any]:
     """Global torch RNG states (data randomness is derived from (seed, epoch) and needs none)."""
     return {"torch": torch.get_rng_state(),

@@ -22,9 +22,11 @@ def _params(module: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def exit_costs(model: MultiExitResNet, image_size: int) -> list[dict[str, int]]:
-    """[{"exit", "flops", "params"}] per exit for one (1, 3, S, S) image, counted on the model itself.
+    """[{"exit", "flops", "params", "head_flops"}] per exit for one (1, 3, S, S) image, counted on the model.
 
-    The cost of exit k is the stem, stages 1..k and head k: what a deployment that stops there runs.
+    The cost of exit k ("flops", "params") is the stem, stages 1..k and head k: what a deployment that
+    stops there runs. "head_flops" is head k alone: what an early-exit cascade pays extra at every exit
+    it passes through (see ``byot.deploy.policy.exit_flops``).
     """
     was_training = model.training
     model.eval()
@@ -38,6 +40,8 @@ def exit_costs(model: MultiExitResNet, image_size: int) -> list[dict[str, int]]:
         if stage_index in model.exit_stages:
             head = model.heads[model.exit_stages.index(stage_index)]
             head_flops, _ = _flops(head, x)
-            costs.append({"exit": stage_index, "flops": flops + head_flops, "params": params + _params(head)})
+            costs.append({"exit": stage_index, "flops": flops + head_flops, "params": params + _params(head),
+                          "head_flops": head_flops})
     model.train(was_training)
     return costs
+

@@ -55,3 +55,23 @@ def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Seq
         k = round(matrices.shape[1] ** 0.5)
         result["confusion"] = [m.view(k, k).cpu() for m in matrices]
     return result
+
+
+@torch.inference_mode()
+def collect_logits(model: nn.Module, batches: Batches, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every exit's logits for every sample, in the batches' order: ((E, N, K) float32, (N,) labels), on the CPU.
+
+    The inference half of calibration and early-exit fitting: everything after it works on these
+    tensors alone, so a policy can be scored for thousands of thresholds without running the network again.
+    """
+    model.eval()
+    chunks: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    for images, targets in batches:
+        with runtime.autocast():
+            logits = model(runtime.inputs(images)).logits
+        chunks.append(torch.stack([z.float() for z in logits]).cpu())  # (E, B, K)
+        labels.append(targets.cpu())
+    if not chunks:
+        raise ValueError("no batches to collect logits from")
+    return torch.cat(chunks, dim=1), torch.cat(labels)

@@ -17,7 +17,7 @@ from torch import nn
 
 from byot import __version__
 from byot.config import TrainConfig, build_config, check_model_options, config_to_dict, load_yaml, save_yaml
-from byot.data import DataBundle, build_data
+from byot.data import NORMALIZATION, DataBundle, build_data
 from byot.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from byot.engine.cost import exit_costs
 from byot.engine.evaluate import evaluate
@@ -337,6 +337,15 @@ def _log_start(s: Session, start_epoch: int, best: float) -> None:
                  "estimate of performance on unseen data (use --val-split to keep the test split unseen)")
 
 
+def build_trained(cfg: TrainConfig, checkpoint: dict, device: torch.device) -> tuple[MultiExitResNet, Runtime]:
+    """The checkpoint's model, in eval mode on ``device``, and the runtime (amp, memory format) to run it."""
+    model = build_model(cfg, checkpoint["num_classes"], checkpoint["image_size"])
+    mean, std = NORMALIZATION[cfg.dataset]
+    runtime = make_runtime(device, mean, std, cfg.amp, cfg.channels_last, model, training=False)
+    model.load_state_dict(checkpoint["model"])
+    return runtime.place(model).eval(), runtime
+
+
 def test_checkpoint(cfg: TrainConfig, checkpoint: dict, per_class: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint on the test split: per-exit and ensemble accuracy plus per-exit cost.
 
@@ -346,10 +355,7 @@ def test_checkpoint(cfg: TrainConfig, checkpoint: dict, per_class: bool = False)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
     _check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
-    model = build_model(cfg, len(data.classes), data.image_size)
-    runtime = make_runtime(device, data.mean, data.std, cfg.amp, cfg.channels_last, model)
-    model.load_state_dict(checkpoint["model"])
-    model = runtime.place(model)
+    model, runtime = build_trained(cfg, checkpoint, device)
     result = evaluate(model, data.test, runtime, model.exit_stages, confusion=per_class)
     confusions = result.pop("confusion", None)
     if confusions is not None:

@@ -86,27 +86,41 @@ class Runtime:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
 
-CPU_CHANNELS_LAST_MIN_CHANNELS = 8
+CPU_CHANNELS_LAST_MIN_CHANNELS = 8  # output channels below this: unsafe in channels-last on CPUs
+CPU_STRIDED_1X1_MIN_IN_CHANNELS = 16  # strided 1x1 convolutions reading fewer channels: unsafe likewise
 
 
 def channels_last_is_safe(model: nn.Module, device: torch.device) -> bool:
-    """False for CPU models with convolutions of fewer than 8 output channels (width < 8).
+    """False for CPU models with convolutions that torch 2.14.1's oneDNN mishandles in channels-last backward.
 
-    On torch 2.14.1's oneDNN (AVX2 CPU) channels-last backward passes of such layers corrupt memory:
-    training multi_resnet18_kd at width 4 or 6 hung or aborted ("double free or corruption") within
-    8 steps, while widths 8-64 and the NCHW format ran cleanly.
+    Two patterns corrupted memory (segfaults, "double free or corruption", "free(): invalid next size")
+    while NCHW ran cleanly:
+    - convolutions with fewer than 8 output channels (width 4 or 6; seen on an AVX2-only EPYC);
+    - strided 1x1 convolutions (the residual shortcuts) reading fewer than 16 channels, on batches of odd
+      size (3, 33, 67, 127 crashed; 1, 2, 64, 100, 128 did not), in fp32 and bf16 (seen on an AVX-512 EPYC
+      with widths 8 and 12; widths 16-64 ran cleanly). A last batch of odd size is common, so such nets
+      keep NCHW whatever the batch size.
     """
     if device.type != "cpu":
         return True
-    return all(m.out_channels >= CPU_CHANNELS_LAST_MIN_CHANNELS for m in model.modules() if isinstance(m, nn.Conv2d))
+    for m in model.modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        if m.out_channels < CPU_CHANNELS_LAST_MIN_CHANNELS:
+            return False
+        strided_1x1 = m.kernel_size == (1, 1) and m.stride != (1, 1)
+        if strided_1x1 and m.in_channels < CPU_STRIDED_1X1_MIN_IN_CHANNELS:
+            return False
+    return True
 
 
 def make_runtime(device: torch.device, mean: tuple, std: tuple, amp: str, channels_last: bool,
-                 model: nn.Module) -> Runtime:
-    """The runtime for ``model`` on ``device``; channels-last is dropped where it is unsafe (see above)."""
-    if channels_last and not channels_last_is_safe(model, device):
-        log.info("channels_last off: layers with fewer than %d channels (width < %d) are unsafe in it on CPUs",
-                 CPU_CHANNELS_LAST_MIN_CHANNELS, CPU_CHANNELS_LAST_MIN_CHANNELS)
+                 model: nn.Module, training: bool = True) -> Runtime:
+    """The runtime for ``model`` on ``device``; for training, channels-last is dropped where it is unsafe
+    (see above: only backward passes crashed, so inference keeps it)."""
+    if channels_last and training and not channels_last_is_safe(model, device):
+        log.info("channels_last off: this net's narrow layers crash torch's oneDNN in channels-last on CPUs "
+                 "(see byot.engine.runtime.channels_last_is_safe)")
         channels_last = False
     return Runtime(device, torch.tensor(mean, device=device), torch.tensor(std, device=device),
                    resolve_amp(amp, device), channels_last)

@@ -186,6 +186,17 @@ class MultiExitResNet(nn.Module):
         return MultiExitOutput(logits, features)
 
 
+    def forward_exit(self, x: torch.Tensor, exit_number: int) -> torch.Tensor:
+        """x: (B, 3, H, W) normalised images -> (B, num_classes) logits of one exit, running only the stem,
+        the stages up to it and its own head (what a deployment of that exit alone computes)."""
+        if exit_number not in self.exit_stages:
+            raise ByotError(f"exit {exit_number}: this model's exits are {self.exit_stages}")
+        x = self.stem(x)
+        for stage in self.stages[:exit_number]:
+            x = stage(x)  # (B, C_stage, H_stage, W_stage)
+        return self.heads[self.exit_stages.index(exit_number)](x)[0]
+
+
 def _init_weights(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):

@@ -1,0 +1,233 @@
+"""Whole deployment jobs on a trained checkpoint: calibrate, early-exit curve and fit, timing, export, predict.
+
+Each returns a plain dict that the CLI prints (as a table or as JSON). Fitting (temperatures,
+thresholds) only ever reads the validation hold-out; the test split is only scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from byot import __version__
+from byot.config import TrainConfig
+from byot.data import NORMALIZATION, DataBundle
+from byot.data.folder import RESIZE_RATIO
+from byot.deploy.calibration import calibration_report, fit_temperature
+from byot.deploy.cascade import EarlyExitNet
+from byot.deploy.export import ExitNetwork, export
+from byot.deploy.plots import write_curve
+from byot.deploy.policy import NEVER, ExitPolicy, exit_flops, fit_thresholds, policy_stats, sweep
+from byot.engine.checkpoint import update_checkpoint
+from byot.engine.cost import exit_costs
+from byot.engine.evaluate import collect_logits
+from byot.engine.run import build_trained, load_data, resolve_device
+from byot.engine.runtime import Runtime
+from byot.errors import ByotError
+from byot.models import MultiExitResNet
+
+log = logging.getLogger("byot")
+
+TIMED_BATCHES = {1: 128, 64: 8}  # batch size -> timed batches (after one warm-up batch)
+
+
+def _checkpoint_path(cfg: TrainConfig) -> Path:
+    if not cfg.resume:
+        raise ByotError("this command needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
+    return Path(cfg.resume).expanduser()
+
+
+def _need_exits(model: MultiExitResNet) -> None:
+    if model.num_exits < 2:
+        raise ByotError("this checkpoint is a plain backbone (--no-distill): it has one exit, nothing to exit early")
+
+
+def _held_out(cfg: TrainConfig, checkpoint: dict, data: DataBundle, what: str) -> Any:
+    """The validation batches, refusing a run that has none (fitting on test would leak it)."""
+    if data.val is None:
+        raise ByotError(f"{what} needs held-out training images: {cfg.resume} was trained without --val-split. "
+                        "Retrain with --val-split 0.1, or pass --val-split F here to hold out images the model "
+                        "trained on (fitted values are then biased toward overconfidence)")
+    trained_with = checkpoint.get("config", {}).get("val_split", 0.0)
+    if cfg.val_split != trained_with:
+        log.warning("the checkpoint was trained with --val-split %g; a hold-out of %g includes images it trained on, "
+                    "so what is fitted on it is biased toward overconfidence", trained_with, cfg.val_split)
+    return data.val
+
+
+def _temperatures(checkpoint: dict, use_calibration: bool, n_exits: int) -> tuple[float, ...]:
+    stored = checkpoint.get("calibration", {}).get("temperatures") if use_calibration else None
+    if stored and len(stored) != n_exits:
+        raise ByotError(f"the checkpoint's calibration has {len(stored)} temperatures for {n_exits} exits")
+    return tuple(stored) if stored else ()
+
+
+def calibrate(cfg: TrainConfig, checkpoint: dict) -> dict[str, Any]:
+    """Fit one temperature per exit on the validation split, store it in the checkpoint, and report
+    NLL and ECE before and after on the validation and the test split."""
+    path = _checkpoint_path(cfg)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg, device)
+    model, runtime = build_trained(cfg, checkpoint, device)
+    val_logits, val_targets = collect_logits(model, _held_out(cfg, checkpoint, data, "calibration"), runtime)
+    temperatures = [fit_temperature(z, val_targets) for z in val_logits]
+    test_logits, test_targets = collect_logits(model, data.test, runtime)
+    entry = {"temperatures": temperatures, "split": "val", "val_split": cfg.val_split,
+             "num_images": len(val_targets), "byot_version": __version__}
+    update_checkpoint(path, {"calibration": entry})
+    log.info("stored temperatures %s in %s", ", ".join(f"{t:.3f}" for t in temperatures), path)
+    return {"checkpoint": str(path), "temperatures": temperatures, "num_val_images": len(val_targets),
+            "num_test_images": len(test_targets),
+            "val": calibration_report(val_logits, val_targets, temperatures, model.exit_stages),
+            "test": calibration_report(test_logits, test_targets, temperatures, model.exit_stages)}
+
+
+def resolve_policy(checkpoint: dict, n_exits: int, thresholds: Sequence[float] | None, final: str | None,
+                   use_calibration: bool = True) -> ExitPolicy:
+    """--threshold (one value for every shallow exit, or one each), else the fitted policy stored in the
+    checkpoint, else none (every sample answered by the final exit); calibration from the checkpoint."""
+    stored = checkpoint.get("early_exit") or {}
+    if thresholds:
+        if len(thresholds) == 1:
+            thresholds = list(thresholds) * (n_exits - 1)
+        if len(thresholds) != n_exits - 1:
+            raise ByotError(f"--threshold takes 1 or {n_exits - 1} values (one per shallow exit), got "
+                            f"{len(thresholds)}")
+        chosen = tuple(float(t) for t in thresholds)
+    elif stored.get("thresholds"):
+        chosen = tuple(stored["thresholds"])
+    else:
+        chosen = tuple([NEVER] * (n_exits - 1))
+    return ExitPolicy(chosen, _temperatures(checkpoint, use_calibration, n_exits),
+                      final or stored.get("final", "deepest"))
+
+
+def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: str,
+               budget_flops: float | None = None, max_drop: float | None = None,
+               thresholds: Sequence[float] | None = None, use_calibration: bool = True,
+               timing: bool = False) -> dict[str, Any]:
+    """The test split's accuracy-versus-FLOPs curve (JSON, CSV, PNG in ``out_dir``); with ``budget_flops``
+    or ``max_drop`` thresholds fitted on the validation split, stored in the checkpoint, scored on test."""
+    path = _checkpoint_path(cfg)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg, device)
+    model, runtime = build_trained(cfg, checkpoint, device)
+    _need_exits(model)
+    costs = exit_costs(model, checkpoint["image_size"])
+    temperatures = _temperatures(checkpoint, use_calibration, model.num_exits)
+    test_logits, test_targets = collect_logits(model, data.test, runtime)
+    result: dict[str, Any] = {
+        "split": "test", "num_images": len(test_targets), "final": final, "calibrated": bool(temperatures),
+        "points": sweep(test_logits, test_targets, costs, temperatures, final),
+        "exits": [{"exit": k, "top1": _top1(z, test_targets), "flops": c["flops"]}
+                  for k, z, c in zip(model.exit_stages, test_logits, costs)],
+        "ensemble": {"top1": _top1(torch.stack([z.softmax(dim=1) for z in test_logits]).mean(0), test_targets),
+                     "flops": costs[-1]["flops"] + sum(c["head_flops"] for c in costs[:-1])},
+        "full_flops": costs[-1]["flops"]}
+    policy = None
+    if budget_flops is not None or max_drop is not None:
+        val_logits, val_targets = collect_logits(model, _held_out(cfg, checkpoint, data, "fitting thresholds"),
+                                                 runtime)
+        policy = fit_thresholds(val_logits, val_targets, costs, temperatures, final, budget_flops, max_drop)
+        criterion = {"budget_flops": budget_flops} if budget_flops is not None else {"max_drop": max_drop}
+        result["fitted"] = {**policy.to_dict(), "criterion": criterion, "fitted_on": "val",
+                            "val": policy_stats(val_logits, val_targets, costs, policy),
+                            "val_reference_top1": policy_stats(val_logits, val_targets, costs, ExitPolicy(
+                                tuple([NEVER] * len(policy.thresholds)), temperatures, final))["top1"],
+                            "test": _scored(test_logits, test_targets, policy, costs)}
+        update_checkpoint(path, {"early_exit": {**policy.to_dict(), "criterion": criterion, "fitted_on": "val"}})
+        log.info("stored the fitted thresholds in %s (byot predict uses them)", path)
+    elif thresholds:
+        policy = resolve_policy(checkpoint, model.num_exits, thresholds, final, use_calibration)
+        result["given"] = {**policy.to_dict(), "test": _scored(test_logits, test_targets, policy, costs)}
+    if timing:
+        policy = policy or resolve_policy(checkpoint, model.num_exits, None, final, use_calibration)
+        result["timing"] = time_policy(model, policy, data, runtime)
+    out_dir = out_dir or path.parent / "early_exit"
+    result["files"] = [str(p) for p in write_curve(result, out_dir)]
+    return result
+
+
+def _top1(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    return 100.0 * (scores.argmax(dim=1) == targets).double().mean().item()
+
+
+def _scored(logits: torch.Tensor, targets: torch.Tensor, policy: ExitPolicy, costs: list[dict]) -> dict[str, Any]:
+    stats = policy_stats(logits, targets, costs, policy)
+    return {**stats, "speedup": costs[-1]["flops"] / stats["mean_flops"]}
+
+
+def time_policy(model: MultiExitResNet, policy: ExitPolicy, data: DataBundle, runtime: Runtime) -> list[dict]:
+    """Wall-clock images/s of the full network (stem, stages, deepest head) and of the real early-exit
+    cascade on the first test images, at batch 1 and 64, plus the FLOP speed-up on the same images."""
+    images = torch.cat([b for b, _ in data.test])  # (N, 3, S, S) uint8 on the device
+    costs = exit_costs(model, images.shape[-1])
+    flops = exit_flops(costs, torch.tensor([policy.thresholds], dtype=torch.float64), policy.final)[0]  # (E,)
+    net = EarlyExitNet(model, policy)
+    rows = []
+    for batch_size, batches in TIMED_BATCHES.items():
+        n = min(len(images), batch_size * (batches + 1))
+        chunks = [runtime.inputs(images[i:i + batch_size]) for i in range(0, n, batch_size)]
+        full = _images_per_s(lambda x: model.forward_exit(x, model.exit_stages[-1]), chunks, runtime)
+        early = _images_per_s(net, chunks, runtime)
+        with runtime.autocast():
+            exits = torch.cat([net(x).exit for x in chunks[1:]])
+        mean = sum(float(flops[model.exit_stages.index(int(k))]) for k in exits.tolist()) / len(exits)
+        rows.append({"batch_size": batch_size, "images": len(exits), "full_images_per_s": full,
+                     "early_exit_images_per_s": early, "wall_speedup": early / full,
+                     "flops_speedup": costs[-1]["flops"] / mean})
+    return rows
+
+
+@torch.inference_mode()
+def _images_per_s(fn: Any, chunks: list[torch.Tensor], runtime: Runtime) -> float:
+    """Images/s of ``fn`` over ``chunks[1:]`` after one warm-up call on ``chunks[0]``."""
+    with runtime.autocast():
+        fn(chunks[0])
+        _sync(runtime.device)
+        start = time.perf_counter()
+        for x in chunks[1:]:
+            fn(x)
+        _sync(runtime.device)
+    return sum(len(x) for x in chunks[1:]) / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resize_ratio(dataset: str) -> float:
+    """Evaluation crop of the data set the model learned: image folders are centre-cropped at 0.875;
+    CIFAR and digits images were whole, so predict keeps the whole short side."""
+    return RESIZE_RATIO if dataset == "imagefolder" else 1.0
+
+
+def export_checkpoint(cfg: TrainConfig, checkpoint: dict, exit_arg: str, fmt: str, out: Path) -> dict[str, Any]:
+    """Write exit ``exit_arg`` ("1".."4" or "all") of the checkpoint's model as one standalone file."""
+    model, _ = build_trained(cfg, checkpoint, torch.device("cpu"))
+    exits = list(model.exit_stages) if exit_arg == "all" else [_exit_number(exit_arg)]
+    mean, std = NORMALIZATION[cfg.dataset]
+    net = ExitNetwork(model, exits, mean, std)
+    position = [model.exit_stages.index(k) for k in net.exit_numbers]
+    temperatures = _temperatures(checkpoint, True, model.num_exits)
+    size = checkpoint["image_size"]
+    metadata = {"byot_version": __version__, "arch": cfg.arch, "exits": net.exit_numbers,
+                "outputs": [f"logits_exit{k}" for k in net.exit_numbers], "classes": checkpoint["classes"],
+                "image_size": size, "resize_ratio": resize_ratio(cfg.dataset),
+                "input": f"float32 RGB (B, 3, {size}, {size}) in [0, 1]: short side resized (bilinear) to "
+                         f"{round(size / resize_ratio(cfg.dataset))} px, centre {size}x{size} crop, divided by 255",
+                "temperatures": [temperatures[p] for p in position] if temperatures else None}
+    return {**export(net, fmt, out, size, metadata), "exits": net.exit_numbers, "metadata": metadata}
+
+
+def _exit_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError as e:
+        raise ByotError(f"--exit {text!r}: give an exit number (1-4) or 'all'") from e

@@ -1,0 +1,259 @@
+"""Deployment on a really trained model (digits scans): calibrate, early-exit, the real cascade, export, predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from byot.cli import main
+from byot.data import NORMALIZATION
+from byot.data.digits import load_digits
+from byot.deploy import run as deploy_run
+from byot.deploy.cascade import EarlyExitNet
+from byot.deploy.policy import ExitPolicy, simulate
+from byot.engine.checkpoint import load_checkpoint
+from byot.engine.evaluate import collect_logits
+from byot.engine.run import build_trained, load_data, resolve_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "onnx_predict.py"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def ckpt(digits_checkpoint, tmp_path) -> Path:
+    """A private copy of the trained digits checkpoint (commands write calibration and thresholds into it)."""
+    target = tmp_path / "run" / "model_best.pth.tar"
+    target.parent.mkdir()
+    shutil.copy(digits_checkpoint, target)
+    return target
+
+
+def _trained(path: Path, amp: str = "off"):
+    """The checkpoint's model and runtime, fp32 by default; ``amp="auto"`` is what the commands run."""
+    cfg, checkpoint = resolve_config({"resume": str(path), "amp": amp})
+    model, runtime = build_trained(cfg, checkpoint, torch.device("cpu"))
+    return cfg, checkpoint, model, runtime
+
+
+def _quantile_policy(logits: torch.Tensor, final: str) -> ExitPolicy:
+    """Thresholds at the 40th-60th percentile of each shallow exit's confidence: every exit answers some."""
+    conf = [torch.softmax(z, dim=1).max(dim=1).values for z in logits[:-1]]
+    return ExitPolicy(tuple(float(torch.quantile(c.double(), q)) for c, q in zip(conf, (0.6, 0.5, 0.4))),
+                      final=final)
+
+
+@pytest.mark.parametrize("final", ["deepest", "ensemble"])
+def test_real_cascade_equals_the_simulated_policy(ckpt, final):
+    cfg, _, model, runtime = _trained(ckpt)
+    data = load_data(cfg, torch.device("cpu"))
+    logits, targets = collect_logits(model, data.test, runtime)
+    policy = _quantile_policy(logits, final)
+    simulated = simulate(logits, policy)
+    assert set(simulated.exit_position.tolist()) == {0, 1, 2, 3}  # every exit answers someone
+    sizes: dict[int, list[int]] = {}
+    hooks = [stage.register_forward_hook(lambda m, i, o, k=k: sizes.setdefault(k, []).append(len(o)))
+             for k, stage in enumerate(model.stages, start=1)]
+    net = EarlyExitNet(model, policy)
+    predicted, exits, probability = [], [], []
+    for images, _ in data.test:
+        answer = net(runtime.inputs(images))
+        predicted.append(answer.predicted)
+        exits.append(answer.exit)
+        probability.append(answer.probability)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(torch.cat(predicted), simulated.predicted)
+    assert torch.equal(torch.cat(exits), simulated.exit_position + 1)
+    assert torch.allclose(torch.cat(probability), simulated.probability.float(), atol=1e-6)
+    # the batch really shrinks: stage 4 runs on fewer images than stage 1
+    assert sum(sizes[4]) < sum(sizes[3]) < sum(sizes[2]) < sum(sizes[1]) == len(targets)
+
+
+def test_calibrate_fits_on_validation_and_lowers_test_nll(ckpt, capsys):
+    assert main(["calibrate", "multi_resnet18_kd", "--resume", str(ckpt), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["temperatures"]) == 4 and all(t > 0 for t in result["temperatures"])
+    train, _ = load_digits(16)
+    per_class = torch.bincount(train.labels).tolist()
+    assert result["num_val_images"] == sum(round(n * 0.25) for n in per_class)  # 25% of every class
+    for row in result["val"]:  # fitted there: the NLL cannot rise
+        assert row["nll_after"] <= row["nll_before"] + 1e-9
+    test = result["test"]
+    assert sum(r["nll_after"] for r in test) < sum(r["nll_before"] for r in test)  # held-out scans: it generalises
+    stored = load_checkpoint(ckpt)["calibration"]
+    assert stored["temperatures"] == result["temperatures"] and stored["split"] == "val"
+
+
+def test_early_exit_curve_files_and_fit_on_validation_only(ckpt, capsys, monkeypatch):
+    collected: dict[str, torch.Tensor] = {}  # split -> the logits the network produced for it
+    fitted_on: list[torch.Tensor] = []
+    collect, load, fit = deploy_run.collect_logits, deploy_run.load_data, deploy_run.fit_thresholds
+    splits: dict[int, str] = {}
+
+    def load_spy(cfg, device):
+        data = load(cfg, device)
+        splits.update({id(data.val): "val", id(data.test): "test", id(data.train): "train"})
+        return data
+
+    def collect_spy(model, batches, runtime):
+        logits, targets = collect(model, batches, runtime)
+        collected[splits[id(batches)]] = logits
+        return logits, targets
+
+    def fit_spy(logits, *args, **kwargs):
+        fitted_on.append(logits)
+        return fit(logits, *args, **kwargs)
+
+    monkeypatch.setattr(deploy_run, "load_data", load_spy)
+    monkeypatch.setattr(deploy_run, "collect_logits", collect_spy)
+    monkeypatch.setattr(deploy_run, "fit_thresholds", fit_spy)
+    out = ckpt.parent / "curve"
+    assert main(["early-exit", "multi_resnet18_kd", "--resume", str(ckpt), "--max-drop", "1", "--out", str(out),
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(collected) == {"val", "test"}  # the training split is never run
+    assert len(fitted_on) == 1 and fitted_on[0] is collected["val"]  # thresholds saw validation logits only
+    assert {"points", "exits", "full_flops"} <= set(r)
+    assert [e["exit"] for e in r["exits"]] == [1, 2, 3, 4] and r["full_flops"] == r["exits"][-1]["flops"]
+    assert all({"thresholds", "top1", "mean_flops", "exit_shares"} <= set(p) for p in r["points"])
+    fitted = r["fitted"]
+    assert fitted["val"]["top1"] >= fitted["val_reference_top1"] - 1 - 1e-9  # --max-drop 1 holds where fitted
+    assert fitted["test"]["speedup"] == pytest.approx(r["full_flops"] / fitted["test"]["mean_flops"])
+    assert load_checkpoint(ckpt)["early_exit"]["thresholds"] == fitted["thresholds"]
+    assert (out / "curve.png").read_bytes()[:8] == PNG_SIGNATURE
+    rows = list(csv.reader((out / "curve.csv").open()))
+    assert len(rows) == len(r["points"]) + 1 and rows[0][:3] == ["threshold_exit1", "threshold_exit2",
+                                                                  "threshold_exit3"]
+    assert json.loads((out / "curve.json").read_text())["points"] == r["points"]
+
+
+def test_fitting_without_a_validation_split_is_refused(tmp_path, capsys):
+    assert main(["train", "multi_resnet18_kd", "--dataset", "digits", "--image-size", "16", "--width", "4",
+                 "--epochs", "1", "--save-folder", str(tmp_path), "--no-progress"]) == 0
+    ckpt = tmp_path / "multi_resnet18_kd" / "model_best.pth.tar"
+    capsys.readouterr()
+    assert main(["calibrate", "multi_resnet18_kd", "--resume", str(ckpt)]) == 2
+    assert "trained without --val-split" in capsys.readouterr().err
+    assert main(["early-exit", "multi_resnet18_kd", "--resume", str(ckpt), "--budget-flops", "1e6"]) == 2
+    assert "trained without --val-split" in capsys.readouterr().err
+    # the curve alone reads only the test split: allowed
+    assert main(["early-exit", "multi_resnet18_kd", "--resume", str(ckpt), "--json"]) == 0
+
+
+def _real_images(n: int) -> torch.Tensor:
+    """The first n digits test scans at 16 px, as uint8 (n, 3, 16, 16)."""
+    _, test = load_digits(16)
+    return test.images[:n]
+
+
+def test_onnx_export_matches_pytorch_on_real_images_and_runs_without_byot(ckpt, tmp_path, capsys):
+    out = tmp_path / "exit2.onnx"
+    assert main(["export", "multi_resnet18_kd", "--resume", str(ckpt), "--exit", "2", "--out", str(out),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_abs_diff"] < 1e-4 and report["exits"] == [2]
+    import onnxruntime
+
+    _, _, model, _ = _trained(ckpt)
+    images = _real_images(64)
+    x = images.float() / 255.0  # what the exported model takes: RGB in [0, 1]
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": x.numpy()})
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["digits"])
+    with torch.inference_mode():
+        expected = model.forward_exit((x - mean) / std, 2)
+    diff = float((expected - torch.from_numpy(got)).abs().max())
+    assert diff < 1e-4, diff
+    # the standalone example, with byot made unimportable: the file alone carries classes and preprocessing
+    files = []
+    for i, img in enumerate(images[:5]):
+        files.append(tmp_path / f"digit{i}.png")
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(files[-1])
+    code = ("import sys, runpy; sys.modules['byot'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, str(EXAMPLE), str(out), *map(str, files)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    classes = load_checkpoint(ckpt)["classes"]
+    assert [r["class"] for r in rows] == [classes[int(k)] for k in expected[:5].argmax(dim=1)]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "safetensors"])
+def test_other_export_formats_round_trip(ckpt, tmp_path, fmt, capsys):
+    out = tmp_path / f"all.{fmt}"
+    assert main(["export", "multi_resnet18_kd", "--resume", str(ckpt), "--exit", "all", "--format", fmt,
+                 "--out", str(out), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)["metadata"]
+    assert meta["exits"] == [1, 2, 3, 4] and len(meta["classes"]) == 10 and meta["image_size"] == 16
+    _, _, model, _ = _trained(ckpt)
+    images = _real_images(8)
+    x = images.float() / 255.0
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["digits"])
+    with torch.inference_mode():
+        expected = model((x - mean) / std).logits
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch >= 2.9
+            loaded = torch.jit.load(str(out))
+        with torch.no_grad():
+            got = loaded(x)
+    else:
+        from safetensors.torch import load_file
+
+        from byot.deploy.export import ExitNetwork
+
+        net = ExitNetwork(model, [1, 2, 3, 4], (0.0,) * 3, (1.0,) * 3)
+        net.load_state_dict(load_file(str(out)))  # the file's mean/std replace the placeholders
+        with torch.inference_mode():
+            got = net(x)
+    for e, g in zip(expected, got):
+        assert torch.allclose(e, g, atol=1e-5)
+
+
+def test_export_errors_are_one_line(ckpt, tmp_path, capsys):
+    assert main(["export", "multi_resnet18_kd", "--resume", str(ckpt), "--exit", "7", "--out",
+                 str(tmp_path / "x.onnx")]) == 2
+    assert "exits are 1, 2, 3, 4" in capsys.readouterr().err
+
+
+def test_predict_json_on_image_files(ckpt, tmp_path, capsys):
+    images = _real_images(6)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    code = main(["predict", "--resume", str(ckpt), str(folder), "--threshold", "0.9", "--json"])
+    captured = capsys.readouterr()
+    assert code == 1 and "broken.png" in captured.err  # one unreadable file: listed, the rest answered
+    rows = json.loads(captured.out)
+    assert [Path(r["path"]).name for r in rows] == [f"{i}.png" for i in range(6)]
+    classes = load_checkpoint(ckpt)["classes"]
+    assert all(r["class"] in classes and 0 < r["probability"] <= 1 and r["exit"] in (1, 2, 3, 4) for r in rows)
+    # the same answers as the cascade run on the same pixels (the files are exactly 16 px: no resize)
+    _cfg, _checkpoint, model, runtime = _trained(ckpt, amp="auto")
+    with runtime.autocast():
+        answer = EarlyExitNet(model, ExitPolicy((0.9, 0.9, 0.9)))(runtime.inputs(images))
+    assert [r["exit"] for r in rows] == answer.exit.tolist()
+    assert [r["class"] for r in rows] == [classes[c] for c in answer.predicted.tolist()]
+    assert np.allclose([r["probability"] for r in rows], answer.probability.tolist(), atol=1e-6)
+
+
+def test_predict_on_real_jpegs_uses_the_fitted_policy(ckpt, cifar10_jpg, capsys):
+    assert main(["early-exit", "multi_resnet18_kd", "--resume", str(ckpt), "--max-drop", "2", "--json"]) == 0
+    capsys.readouterr()
+    paths = sorted((cifar10_jpg / "test" / "cat").iterdir())
+    assert main(["predict", "--resume", str(ckpt), *map(str, paths)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["image", "class", "prob", "exit"] and len(out) == len(paths) + 1
