@@ -29,11 +29,12 @@ def test_unknown_name_lists_known_ones():
         create_model("resnet9000")
 
 
+@pytest.mark.parametrize("head", ["bottleneck", "attention"])
 @pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("image_size,stem", [(32, "cifar"), (64, "imagenet")])
-def test_forward_shapes_and_every_parameter_learns(name, image_size, stem):
+def test_forward_shapes_and_every_parameter_learns(name, image_size, stem, head):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=7, width=4, image_size=image_size)
+    model = create_model(name, num_classes=7, width=4, image_size=image_size, head=head)
     assert model.spec.stem == stem  # "auto" picks the stem from the input size
     x = torch.randn(3, 3, image_size, image_size)
     out = model(x)
@@ -46,14 +47,16 @@ def test_forward_shapes_and_every_parameter_learns(name, image_size, stem):
     assert not missing, f"parameters without gradient: {missing[:5]}"
 
 
+@pytest.mark.parametrize("head", ["bottleneck", "attention"])
 @pytest.mark.parametrize("stem,size", [("cifar", 17), ("cifar", 33), ("cifar", 50), ("imagenet", 33),
                                        ("imagenet", 100), ("imagenet", 224)])
-def test_stage_sizes_match_real_feature_maps(stem, size):
-    model = create_model("multi_resnet18_kd", 5, width=2, stem=stem, image_size=size).eval()
+def test_stage_sizes_match_real_feature_maps(stem, size, head):
+    model = create_model("multi_resnet18_kd", 5, width=2, stem=stem, image_size=size, head=head).eval()
     seen = []
     for stage in model.stages:
         stage.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
-    # the exits' strided convolutions bring each stage to exactly the last stage's size
+    # the exits' strided convolutions (bottleneck) or SepConv chains (attention) bring each stage to exactly
+    # the last stage's size
     exit_sizes = []
     for head in model.heads[:3]:
         head.body.register_forward_hook(lambda m, i, o: exit_sizes.append(o.shape[-1]))
@@ -100,3 +103,26 @@ def test_exit_costs_count_flops_from_the_model():
     backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("heads.0")
                           and not n.startswith("heads.1") and not n.startswith("heads.2"))
     assert costs[-1]["params"] == backbone_params
+
+
+def test_attention_exit_masks_the_stage_with_a_sigmoid_and_keeps_the_backbone_unmasked():
+    torch.manual_seed(0)
+    model = create_model("multi_resnet18_kd", 10, width=4, head="attention").eval()
+    head = model.heads[0]
+    seen = {}
+
+    def keep(name, tensor):  # a forward hook that returns something replaces the output: return None
+        seen[name] = tensor
+
+    head.body.register_forward_hook(lambda m, i, o: keep("masked", i[0]))
+    model.stages[0].register_forward_hook(lambda m, i, o: keep("stage1", o))
+    model.stages[1].register_forward_hook(lambda m, i, o: keep("stage2_input", i[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    stage1, masked = seen["stage1"], seen["masked"]
+    nonzero = stage1 > 0  # ReLU output: the mask's factor is masked / stage1 where stage1 > 0
+    factor = masked[nonzero] / stage1[nonzero]
+    assert factor.min() > 0 and factor.max() < 1  # a sigmoid's range
+    assert torch.equal(seen["stage2_input"], stage1)  # the backbone goes on with the unmasked map
+    # three stride-2 SepConv blocks take stage 1 (32 px, 4 channels) to stage 4's 4 px and 32 channels
+    assert len(head.body) == 3 and head.fc.in_features == 32

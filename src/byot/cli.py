@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,9 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
                    help="cifar: 3x3/1; imagenet: 7x7/2 + max-pool; auto (default): imagenet from 64 px up")
     g.add_argument("--no-distill", dest="distill", action="store_false",
                    help="the plain backbone trained with cross-entropy only: the baseline")
+    g.add_argument("--head", choices=("bottleneck", "attention"),
+                   help="shallow classifiers: bottleneck (default; the ICCV 2019 paper's) or attention (the TPAMI "
+                        "2021 journal version's: a sigmoid attention mask, then depthwise-separable conv blocks)")
     g.add_argument("--pretrained", nargs="?", const="imagenet", metavar="PATH",
                    help="start the backbone from torchvision's ImageNet weights (needs them cached or internet), "
                         "or from a local torchvision ResNet state dict PATH; the exits start fresh (width 64)")
@@ -73,6 +77,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accum-steps", type=int, help="batches per optimizer step (effective batch = N x batch)")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each stage's activations in backward: less memory, more time")
+    g.add_argument("--skip-nonfinite", type=int, metavar="N",
+                   help="skip the update of up to N steps whose loss is NaN or infinite (default 0: stop at the "
+                        "first, keeping the last good checkpoint)")
     g = p.add_argument_group("self-distillation")
     g.add_argument("--temperature", type=float, help=f"softens the teacher (default {D.temperature})")
     g.add_argument("--alpha", type=float, help=f"KD weight; labels get 1 - alpha (default {D.alpha})")
@@ -123,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=128)
     bench.add_argument("--image-size", type=int, default=32, help="px (default 32)")
     bench.add_argument("--width", type=int, default=64, help="base channels (default 64)")
+    bench.add_argument("--head", choices=("bottleneck", "attention"), default="bottleneck", help="shallow classifiers")
     bench.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     bench.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
@@ -132,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fp32 eager, + channels_last, + autocast, + compile, each with its ratio to the first")
     bench.add_argument("--json", action="store_true", help="print one JSON object (a list with --variants)")
     _add_deployment(sub, arch_help)
+    sweep = sub.add_parser("sweep", help="train a list of configurations x seeds (resumable); one results table")
+    sweep.add_argument("config", metavar="SWEEP.yaml", help="name, seeds, base options, rows (see docs/RESULTS.md)")
+    sweep.add_argument("--data-dir", help="replaces the sweep file's base data_dir")
+    sweep.add_argument("--runs-dir", help="replaces the sweep file's runs_dir (run directories, checkpoints)")
+    sweep.add_argument("--out", help="replaces the sweep file's out (results.md, results.json)")
+    sweep.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
+    sweep.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return parser
 
 
@@ -215,7 +230,8 @@ def _log_to_file(run_dir: Path) -> None:
 
 
 def _run_training(given: dict[str, Any], config_file: str | None, overwrite: bool) -> int:
-    from byot.engine.run import fit, resolve_config
+    from byot.engine.run import LATEST, fit, resolve_config
+    from byot.engine.signals import Interrupted, handle_signals
 
     show_bar = given.get("progress", True) and sys.stderr.isatty()
     _setup_logging(show_bar)
@@ -223,7 +239,16 @@ def _run_training(given: dict[str, Any], config_file: str | None, overwrite: boo
     show_bar = cfg.progress and show_bar
     cfg = dataclasses.replace(cfg, progress=show_bar)
     _log_to_file(cfg.run_dir)
-    records = fit(cfg, checkpoint, overwrite=overwrite)
+    try:
+        with handle_signals():
+            records = fit(cfg, checkpoint, overwrite=overwrite)
+    except (KeyboardInterrupt, Interrupted) as e:
+        latest = cfg.run_dir / LATEST
+        where = (f"continue with --resume {latest} (or --resume auto)" if latest.exists()
+                 else "no epoch had finished, so there is nothing to resume")
+        name = "SIGTERM" if isinstance(e, Interrupted) and e.signum == signal.SIGTERM else "Ctrl-C"
+        print(f"byot: interrupted ({name}); every finished epoch is saved: {where}", file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
     if records and "final_test" in records[-1]:
         final = records[-1]["final_test"]
         print(f"test split, evaluated once with model_best (epoch {final['epoch']}, selected on validation):")
@@ -269,6 +294,28 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(format_per_class(result["per_class"], [e["exit"] for e in result["exits"]], result["class_counts"]))
         print("wrote " + ", ".join(result["confusion_files"]))
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Exit 0 when every run finished, 1 when some failed (their logs are named)."""
+    from byot.sweep import format_results, load_sweep, run_sweep, summarise, write_results
+
+    _setup_logging(False)
+    sweep = load_sweep(args.config, {"data_dir": args.data_dir} if args.data_dir else None)
+    sweep = dataclasses.replace(sweep, runs_dir=Path(args.runs_dir or sweep.runs_dir), out=Path(args.out or sweep.out))
+    statuses = run_sweep(sweep, dry_run=args.dry_run)
+    if args.dry_run:
+        for st in statuses:
+            print(f"{st.row}, seed {st.seed}: {'finished' if st.state == 'done' else st.detail}")
+        return 0
+    summary = summarise(sweep, statuses)
+    paths = write_results(summary, sweep.out)
+    print(json.dumps(summary) if args.json else format_results(summary) + "\nwrote " + ", ".join(map(str, paths)))
+    failed = [st for st in statuses if st.state == "failed"]
+    for st in failed:
+        print(f"byot: {st.row}, seed {st.seed} failed: {st.detail} (see {st.run_dir.parent / 'sweep.log'})",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 POLICY_OPTIONS = ("threshold", "final", "calibration")
@@ -374,7 +421,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if min(args.batch_size, args.steps, args.image_size, args.width) < 1 or args.warmup < 0:
         raise ByotError("--batch-size, --steps, --image-size and --width must be positive, --warmup >= 0")
     spec = BenchSpec(args.arch, args.device, args.batch_size, args.image_size, args.steps, args.warmup, args.amp,
-                     args.channels_last, args.compile, args.width)
+                     args.channels_last, args.compile, args.width, head=args.head)
     if args.variants:
         rows = run_variants(spec)
         print(json.dumps(rows) if args.json else format_variants(rows))
@@ -410,7 +457,7 @@ def format_variants(rows: list[dict]) -> str:
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo, "bench": cmd_bench, "split": cmd_split,
             "check-data": cmd_check_data, "calibrate": cmd_calibrate, "early-exit": cmd_early_exit,
-            "export": cmd_export, "predict": cmd_predict}
+            "export": cmd_export, "predict": cmd_predict, "sweep": cmd_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,7 @@ class TrainConfig:
     width: int = 64  # base channels; stages use width * (1, 2, 4, 8) (x4 for bottleneck blocks)
     stem: str = "auto"  # "cifar" (3x3/1), "imagenet" (7x7/2 + max-pool) or "auto" (from the image size)
     distill: bool = True  # False (--no-distill): plain backbone, cross-entropy only: the baseline
+    head: str = "bottleneck"  # shallow classifiers: "bottleneck" (ICCV 2019 paper) or "attention" (TPAMI 2021)
     pretrained: str | None = None  # "imagenet" (torchvision's weights) or a state-dict file; exits stay fresh
     # data
     dataset: str = "cifar100"  # cifar100 | cifar10 | imagefolder | digits
@@ -39,6 +40,7 @@ class TrainConfig:
     schedule: str = "step"  # "step": x0.1 at 75/130/180 of 200 epochs, scaled; "cosine"
     accum_steps: int = 1  # batches whose gradients add up before one optimizer step (effective batch x N)
     grad_checkpoint: bool = False  # recompute each stage's activations in backward: less memory, ~30% slower
+    skip_nonfinite: int = 0  # optimizer steps with a NaN/inf loss to skip before stopping (0: stop at the first)
     # speed (none of these changes what is learned beyond rounding)
     amp: str = "auto"  # mixed precision: auto | bf16 | fp16 | off (auto: bf16 where the hardware runs it natively)
     channels_last: bool = True  # NHWC memory format: faster convolutions on oneDNN CPUs and tensor-core GPUs
@@ -61,7 +63,7 @@ class TrainConfig:
 
 
 # Options that fix the weights' shapes: a checkpoint's values win, and a different value is an error.
-MODEL_FIELDS = ("arch", "width", "stem", "distill", "dataset", "image_size")
+MODEL_FIELDS = ("arch", "width", "stem", "distill", "head", "dataset", "image_size")
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
 
@@ -129,9 +131,11 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.width >= 1, "--width must be at least 1"),
         (cfg.image_size is None or cfg.image_size >= 8, "--image-size must be at least 8"),
         (cfg.schedule in ("step", "cosine"), "--schedule must be step or cosine"),
+        (cfg.head in ("bottleneck", "attention"), "--head must be bottleneck or attention"),
         (cfg.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
         (cfg.workers >= 0, "--workers must be >= 0"),
         (cfg.accum_steps >= 1, "--accum-steps must be at least 1"),
+        (cfg.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0"),
         (0.0 <= cfg.val_split < 1.0, "--val-split must lie in [0, 1)"),
         (cfg.class_weights in ("none", "balanced"), "--class-weights must be none or balanced"),
         (cfg.print_freq >= 1, "--print-freq must be at least 1"),

@@ -40,6 +40,7 @@ class BenchSpec:
     compile: bool = False
     width: int = 64
     num_classes: int = 100
+    head: str = "bottleneck"  # shallow classifiers
 
 
 def _sync(device: torch.device) -> None:
@@ -109,7 +110,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         raise ByotError("--device cuda asked for, but torch sees no CUDA GPU here")
     mean, std = NORMALIZATION["cifar100"]
     torch.manual_seed(0)
-    model = create_model(spec.arch, spec.num_classes, width=spec.width, image_size=spec.image_size)
+    model = create_model(spec.arch, spec.num_classes, width=spec.width, image_size=spec.image_size, head=spec.head)
     runtime = make_runtime(device, mean, std, spec.amp, spec.channels_last, model)
     model = runtime.place(model)
     costs = exit_costs(model, spec.image_size)
@@ -123,7 +124,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     return {"arch": spec.arch, "device": str(device), "batch_size": spec.batch_size, "image_size": spec.image_size,
             "amp": runtime.amp, "channels_last": runtime.channels_last, "compile": spec.compile,
             "train_images_per_s": train_ips, "peak_memory_mb": _peak_memory_mb(device), "exits": exits,
-            "width": spec.width, "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "width": spec.width, "head": spec.head, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 VARIANTS = [  # (name, amp, channels_last, compile): each adds one thing to the row before
@@ -140,7 +141,7 @@ def run_variants(spec: BenchSpec) -> list[dict[str, Any]]:
     for name, amp, channels_last, compiled in VARIANTS:
         args = [sys.executable, "-m", "byot", "bench", spec.arch, "--device", spec.device, "--batch-size",
                 str(spec.batch_size), "--image-size", str(spec.image_size), "--steps", str(spec.steps),
-                "--warmup", str(spec.warmup), "--width", str(spec.width), "--amp", amp, "--json"]
+                "--warmup", str(spec.warmup), "--width", str(spec.width), "--head", spec.head, "--amp", amp, "--json"]
         args += ([] if channels_last else ["--no-channels-last"]) + (["--compile"] if compiled else [])
         proc = subprocess.run(args, capture_output=True, text=True, check=False)
         if proc.returncode != 0:

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from byot.engine.faults import fault_point
 from byot.errors import ByotError
 
 FORMAT = "byot-checkpoint-v1"
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` so that a crash leaves either the old file or the new, never half."""
+def save_checkpoint(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:
+    """Write ``state`` to ``path`` so that a crash leaves either the old file or the new, never half.
+
+    The new file is written and synced under a temporary name, then renamed over ``path``. With
+    ``previous``, the file ``path`` held until now becomes ``previous`` (a hard link, renamed into place),
+    so at every instant ``path`` holds a complete checkpoint and ``previous`` the one before it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -22,10 +29,48 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("checkpoint_write")
+        if previous is not None and path.exists():
+            _keep_as(path, previous)
         os.replace(tmp, path)
+        _sync_dir(path.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ByotError(f"could not write checkpoint {path}: {e.strerror or e}; the previous file is intact") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _keep_as(path: Path, previous: Path) -> None:
+    """``previous`` becomes a copy of ``path`` (a hard link where the file system has them) atomically."""
+    staged = previous.with_name(f".{previous.name}.tmp-{os.getpid()}")
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(path, staged)
+    except OSError:
+        shutil.copy2(path, staged)
+    os.replace(staged, previous)
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make the renames durable (a power cut after rename could otherwise lose them)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the rename itself stays atomic
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the half-written ``.NAME.tmp-PID`` files a crash during a checkpoint write left in ``folder``."""
+    stale = [p for p in folder.glob(".*.tmp-*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -18,12 +17,20 @@ from torch import nn
 from byot import __version__
 from byot.config import TrainConfig, build_config, check_model_options, config_to_dict, load_yaml, save_yaml
 from byot.data import NORMALIZATION, DataBundle, build_data
-from byot.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from byot.engine.checkpoint import (
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from byot.engine.cost import exit_costs
 from byot.engine.evaluate import evaluate
+from byot.engine.faults import fault_point
 from byot.engine.reports import class_counts, per_class_table, write_confusion
 from byot.engine.runtime import Runtime, build_optimizer, compile_model, make_runtime
-from byot.engine.train import lr_at, train_one_epoch
+from byot.engine.signals import critical_section
+from byot.engine.train import NonFiniteGuard, lr_at, train_one_epoch
 from byot.errors import ByotError
 from byot.losses import SelfDistillLoss
 from byot.models import MultiExitResNet, create_model
@@ -34,6 +41,7 @@ log = logging.getLogger("byot")
 
 LATEST, BEST, METRICS = "checkpoint_latest.pth.tar", "model_best.pth.tar", "metrics.jsonl"
 PREVIOUS = "checkpoint_previous.pth.tar"  # the epoch before LATEST: the fallback of --resume auto
+TEST_RESULT = "test_result.json"  # with --val-split: the one test evaluation, of model_best
 
 
 def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, dict | None]:
@@ -84,7 +92,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> MultiExitResNet:
     return create_model(cfg.arch, num_classes, width=cfg.width, stem=cfg.stem, image_size=image_size,
-                        exits=cfg.distill)
+                        exits=cfg.distill, head=cfg.head)
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> DataBundle:
@@ -111,6 +119,23 @@ def _check_checkpoint_fits(checkpoint: dict, data: DataBundle, source: str) -> N
     if checkpoint["num_classes"] != len(data.classes):
         raise ByotError(f"{source} has {checkpoint['num_classes']} classes but the data has {len(data.classes)}; "
                         "use the data set it was trained on")
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a checkpoint's weights into ``model``; a checkpoint of another shape (architecture, width,
+    head, class count) is refused with what differs, before anything is copied."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+                 for items, label in ((missing, "tensors missing"), (unexpected, "unexpected tensors"),
+                                      (shapes, "shape mismatches (checkpoint vs model)")) if items]
+        raise ByotError(f"{source} does not fit the model built from its config: {'; '.join(parts)}; was it "
+                        "written by another byot version or edited by hand?")
+    model.load_state_dict(state)
 
 
 def _check_single_sample_batches(model: MultiExitResNet, data: DataBundle) -> None:
@@ -197,6 +222,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     loss_fn: SelfDistillLoss
+    nonfinite_steps: int = 0  # optimizer steps skipped so far for a non-finite loss (--skip-nonfinite)
 
 
 def build_session(cfg: TrainConfig, checkpoint: dict | None) -> Session:
@@ -215,7 +241,7 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None) -> Session:
     scaler = runtime.grad_scaler()
     if checkpoint is not None:
         _check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
-        model.load_state_dict(checkpoint["model"])
+        load_model_state(model, checkpoint["model"], cfg.resume or "the checkpoint")
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
@@ -225,7 +251,8 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None) -> Session:
         example = next(iter(data.test))[0][:2]
         forward = compile_model(model, example, runtime)
     model.grad_checkpoint = cfg.grad_checkpoint
-    return Session(cfg, data, model, forward, runtime, optimizer, scaler, build_loss(cfg, data, device))
+    skipped = checkpoint.get("nonfinite_steps", 0) if checkpoint else 0
+    return Session(cfg, data, model, forward, runtime, optimizer, scaler, build_loss(cfg, data, device), skipped)
 
 
 def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = False,
@@ -237,34 +264,54 @@ def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = Fals
     s = build_session(cfg, checkpoint)
     start_epoch, best = (checkpoint["epoch"], checkpoint["best_top1"]) if checkpoint else (0, 0.0)
     run_dir = _prepare_run_dir(cfg, checkpoint is not None, overwrite)
+    for stale in remove_stale_temporaries(run_dir):
+        log.warning("removed %s, a checkpoint write that a crash cut short", stale)
     save_yaml(cfg, run_dir / "config.yaml", {"num_classes": len(s.data.classes), "byot_version": __version__})
     _reset_metrics(run_dir / METRICS, start_epoch)
     _log_start(s, start_epoch, best)
     writer, records = _open_tensorboard(run_dir), []
-    for epoch in range(start_epoch, cfg.epochs):
-        if stop_after is not None and len(records) >= stop_after:
-            break
-        record = _run_epoch(s, epoch)
-        best = max(best, record["exits"][-1]["top1"])
-        record["best_top1"] = best
-        state = _checkpoint_state(s, epoch + 1, best)
-        if (run_dir / LATEST).exists():
-            os.replace(run_dir / LATEST, run_dir / PREVIOUS)  # keep the last two epochs
-        save_checkpoint(state, run_dir / LATEST)
-        if record["exits"][-1]["top1"] >= best:
-            save_checkpoint(state, run_dir / BEST)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if stop_after is not None and len(records) >= stop_after:
+                break
+            record = _run_epoch(s, epoch)
+            improved = record["exits"][-1]["top1"] >= best
+            best = max(best, record["exits"][-1]["top1"])
+            record["best_top1"] = best
+            _save_epoch(run_dir, record, _checkpoint_state(s, epoch + 1, best), improved)
+            _write_tensorboard(writer, record)
+            log.info(epoch_summary(record, cfg.epochs))
+            records.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+    finally:
+        if writer is not None:
+            writer.close()
+    completed = start_epoch + len(records) == cfg.epochs
+    # the one test evaluation: after the last epoch, or on a resume of a run that ended before writing it
+    if s.data.val is not None and completed and (records or not (run_dir / TEST_RESULT).exists()):
+        final = _final_test(s, run_dir)
+        if records:
+            records[-1]["final_test"] = final
+    return records
+
+
+def _save_epoch(run_dir: Path, record: dict[str, Any], state: dict[str, Any], improved: bool) -> None:
+    """Metrics line, then model_best (if it improved), then checkpoint_latest (the old one kept as
+    checkpoint_previous), with signals deferred until all three are on disk.
+
+    The order makes a crash between any two writes harmless: a resume starts from checkpoint_latest's
+    epoch, drops metrics lines after it, and redoes the lost epoch exactly, rewriting model_best if needed.
+    """
+    with critical_section():
         with open(run_dir / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
-        _write_tensorboard(writer, record)
-        log.info(epoch_summary(record, cfg.epochs))
-        records.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-    if writer is not None:
-        writer.close()
-    if s.data.val is not None and records and records[-1]["epoch"] == cfg.epochs:
-        records[-1]["final_test"] = _final_test(s, run_dir)
-    return records
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point("after_metrics")
+        if improved:
+            save_checkpoint(state, run_dir / BEST)
+        save_checkpoint(state, run_dir / LATEST, previous=run_dir / PREVIOUS)
 
 
 def _final_test(s: Session, run_dir: Path) -> dict[str, Any]:
@@ -274,10 +321,10 @@ def _final_test(s: Session, run_dir: Path) -> dict[str, Any]:
         log.warning("%s is missing (the run was resumed elsewhere); testing %s instead", path, LATEST)
         path = run_dir / LATEST
     best = load_checkpoint(path)
-    s.model.load_state_dict(best["model"])
+    load_model_state(s.model, best["model"], str(path))
     result = {"checkpoint": str(path), "epoch": best["epoch"],
               **evaluate(s.forward, s.data.test, s.runtime, s.model.exit_stages)}
-    (run_dir / "test_result.json").write_text(json.dumps(result, indent=1) + "\n")
+    (run_dir / TEST_RESULT).write_text(json.dumps(result, indent=1) + "\n")
     exits = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in result["exits"])
     log.info("test split, evaluated once with model_best (epoch %d, selected on validation): top-1 %s "
              "ensemble %.2f", best["epoch"], exits, result["ensemble"]["top1"])
@@ -290,18 +337,17 @@ def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     s.data.train.set_epoch(epoch)
+    guard = NonFiniteGuard(s.cfg.skip_nonfinite, s.cfg.lr, s.nonfinite_steps)
     stats = train_one_epoch(s.forward, s.data.train, s.optimizer, s.loss_fn, s.runtime, s.scaler,
-                            s.model.exit_stages, epoch, s.cfg.print_freq, s.cfg.progress, s.cfg.accum_steps)
-    for name, value in stats["losses"].items():
-        if not math.isfinite(value):
-            raise ByotError(f"loss term {name} became non-finite in epoch {epoch + 1}; the last good checkpoint "
-                            f"is kept; try a lower --lr (now {s.cfg.lr})")
+                            s.model.exit_stages, epoch, s.cfg.print_freq, s.cfg.progress, s.cfg.accum_steps, guard)
+    s.nonfinite_steps = stats["nonfinite_steps"]
     split = "val" if s.data.val is not None else "test"
     result = evaluate(s.forward, s.data.val or s.data.test, s.runtime, s.model.exit_stages)
     return {"epoch": epoch + 1, "lr": lr, "losses": stats["losses"], "train_top1": stats["train_top1"],
             "eval_split": split, "exits": result["exits"], "ensemble": result["ensemble"],
             "epoch_seconds": time.perf_counter() - start, "train_seconds": stats["seconds"],
-            "train_images_per_s": stats["images"] / max(stats["seconds"], 1e-9)}
+            "train_images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
+            "nonfinite_steps": s.nonfinite_steps}
 
 
 def _checkpoint_state(s: Session, epoch: int, best: float) -> dict[str, Any]:
@@ -309,11 +355,11 @@ def _checkpoint_state(s: Session, epoch: int, best: float) -> dict[str, Any]:
     return {"version": __version__, "arch": cfg.arch, "num_classes": len(s.data.classes), "classes": s.data.classes,
             "image_size": s.data.image_size, "config": config_to_dict(cfg), "epoch": epoch, "best_top1": best,
             "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-            "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
+            "scaler": s.scaler.state_dict(),
             # the schedule is a pure function of (epoch, config): this records where it stands
             "scheduler": {"kind": cfg.schedule, "next_lr": lr_at(min(epoch, cfg.epochs - 1), cfg.lr, cfg.epochs,
                                                                  cfg.schedule)},
-            "rng": rng_state()}
+            "rng": rng_state(), "nonfinite_steps": s.nonfinite_steps}
 
 
 def _log_start(s: Session, start_epoch: int, best: float) -> None:
@@ -342,7 +388,7 @@ def build_trained(cfg: TrainConfig, checkpoint: dict, device: torch.device) -> t
     model = build_model(cfg, checkpoint["num_classes"], checkpoint["image_size"])
     mean, std = NORMALIZATION[cfg.dataset]
     runtime = make_runtime(device, mean, std, cfg.amp, cfg.channels_last, model, training=False)
-    model.load_state_dict(checkpoint["model"])
+    load_model_state(model, checkpoint["model"], cfg.resume or "the checkpoint")
     return runtime.place(model).eval(), runtime
 
 

@@ -21,6 +21,7 @@ log = logging.getLogger("byot")
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+NEVER_GROW = 2**31 - 1  # steps between scale increases: never, for bf16 and fp32
 
 
 @lru_cache(maxsize=1)
@@ -78,8 +79,12 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
-        """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        """fp16 gradients underflow without loss scaling: dynamic scaling. bf16 and fp32 have the range
+        and need none, so the scale starts at 1 and never grows; the scaler is there to skip, on the device,
+        the update of a step whose gradients are not finite (--skip-nonfinite)."""
+        if self.amp == "fp16":
+            return torch.amp.GradScaler(self.device.type)
+        return torch.amp.GradScaler(self.device.type, init_scale=1.0, growth_interval=NEVER_GROW)
 
     def place(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)

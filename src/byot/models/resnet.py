@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from byot.errors import ByotError
-from byot.models.exits import BackboneHead, BottleneckExit
+from byot.models.exits import BackboneHead, build_exit
 from byot.models.registry import register_model
 
 STEMS = ("auto", "cifar", "imagenet")
@@ -105,16 +105,6 @@ def stage_sizes(stem: str, image_size: int) -> list[int]:
     return sizes
 
 
-def exit_stride_padding(size: int, last_size: int) -> tuple[int, int]:
-    """Kernel = stride k and padding p of an exit's strided conv mapping ``size`` px to ``last_size`` px.
-
-    k = ceil(size / last): the smallest stride that reaches the last stage's size; p pads the map to
-    k * last so that floor((size + 2p - k) / k) + 1 == last exactly, for any input size.
-    """
-    k = math.ceil(size / last_size)
-    return k, math.ceil((k * last_size - size) / 2)
-
-
 @dataclass(frozen=True)
 class ResNetSpec:
     """Everything that fixes a multi-exit ResNet's weights' shapes (saved in every checkpoint)."""
@@ -126,6 +116,7 @@ class ResNetSpec:
     stem: str = "cifar"  # resolved: "cifar" or "imagenet"
     image_size: int = 32  # px; sizes the exits' stride-k convolutions
     exits: bool = True  # False: the plain backbone (only its own head), the baseline
+    head: str = "bottleneck"  # shallow classifiers: "bottleneck" (ICCV 2019) or "attention" (TPAMI 2021)
 
 
 class MultiExitResNet(nn.Module):
@@ -151,8 +142,7 @@ class MultiExitResNet(nn.Module):
         if spec.exits:
             heads: list[nn.Module] = []
             for i in range(3):
-                stride, padding = exit_stride_padding(sizes[i], sizes[3])
-                heads.append(BottleneckExit(channels[i], channels[3], stride, spec.num_classes, padding))
+                heads.append(build_exit(spec.head, channels[i], channels[3], sizes[i], sizes[3], spec.num_classes))
         else:
             heads = []
         heads.append(BackboneHead(channels[3], spec.num_classes))
@@ -216,10 +206,11 @@ def _build(
     stem: str = "auto",
     image_size: int = 32,
     exits: bool = True,
+    head: str = "bottleneck",
 ) -> MultiExitResNet:
     if width < 1 or num_classes < 1 or image_size < 1:
         raise ByotError(f"width, num_classes and image_size must be positive (got {width}, {num_classes}, {image_size})")
-    spec = ResNetSpec(block, layers, num_classes, width, resolve_stem(stem, image_size), image_size, exits)
+    spec = ResNetSpec(block, layers, num_classes, width, resolve_stem(stem, image_size), image_size, exits, head)
     return MultiExitResNet(spec)
 
 

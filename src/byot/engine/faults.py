@@ -1,0 +1,39 @@
+"""Named points where the fault-injection tests make a real training process fail, and nothing else.
+
+``BYOT_FAULT=POINT:N`` makes the process SIGKILL itself the N-th time it reaches POINT (a crash nothing can
+catch), ``BYOT_FAULT=POINT:N:TERM`` (or ``INT``) sends it that signal instead, and the point
+``nonfinite_loss`` turns one loss term into NaN at that step. Unset (always, outside tests), every call
+is one comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = ("train_step", "evaluate", "checkpoint_write", "after_metrics", "nonfinite_loss")
+_SPEC = os.environ.get("BYOT_FAULT", "")
+_counts: dict[str, int] = {}
+
+
+def _parse(spec: str) -> tuple[str, int, str]:
+    point, _, rest = spec.partition(":")
+    count, _, sig = rest.partition(":")
+    return point, int(count or 1), sig or "KILL"
+
+
+def reached(name: str) -> bool:
+    """True the N-th time ``name`` is reached when BYOT_FAULT names it (for faults that are not signals)."""
+    if not _SPEC:
+        return False
+    point, count, _ = _parse(_SPEC)
+    if point != name:
+        return False
+    _counts[name] = _counts.get(name, 0) + 1
+    return _counts[name] == count
+
+
+def fault_point(name: str) -> None:
+    """Kill or signal this process here, if BYOT_FAULT asks for it."""
+    if reached(name):
+        os.kill(os.getpid(), getattr(signal, f"SIG{_parse(_SPEC)[2]}"))
