@@ -222,8 +222,12 @@ def _setup_logging(progress_bar: bool) -> None:
 
 
 def _log_to_file(run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "log_train.txt")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "log_train.txt")
+    except OSError as e:  # a file where a folder should be, a read-only or full disk: before any training
+        raise ByotError(f"cannot write to the run directory {run_dir}: {e.strerror or e}; choose another "
+                        "--save-folder") from e
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logging.getLogger("byot").addHandler(handler)

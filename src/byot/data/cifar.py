@@ -69,17 +69,28 @@ def find_cifar_folder(data_dir: Path, dataset: str) -> Path:
     )
 
 
+def _as_array(value: Any) -> np.ndarray | None:
+    """``value`` as a numpy array of numbers, or None (ragged lists, strings, dicts, None...)."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        return None
+    return array if array.dtype.kind in "iuf" or (array.size == 0 and array.dtype.kind in "iufO") else None
+
+
 def _read_split(paths: list[Path], label_key: str, num_classes: int, classes: list[str]) -> ImageSet:
     datas, labels = [], []
     for path in paths:
         d = _load_pickle(path)
         if "data" not in d or label_key not in d:
             raise ByotError(f"{path} lacks the '{'data' if 'data' not in d else label_key}' entry of a CIFAR file")
-        data = np.asarray(d["data"])
-        lab = np.asarray(d[label_key])
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(lab) != len(data):
-            raise ByotError(f"{path}: expected uint8 data of shape (N, 3072) and N labels, got {data.dtype} "
-                            f"{data.shape} and {len(lab)} labels")
+        data, lab = _as_array(d["data"]), _as_array(d[label_key])
+        if data is None or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            got = f"{data.dtype} {data.shape}" if data is not None else type(d["data"]).__name__
+            raise ByotError(f"{path}: expected 'data' as uint8 of shape (N, 3072), got {got}")
+        if lab is None or lab.ndim != 1 or len(lab) != len(data) or (len(lab) and lab.dtype.kind not in "iu"):
+            got = f"{lab.dtype} {lab.shape}" if lab is not None else type(d[label_key]).__name__
+            raise ByotError(f"{path}: expected '{label_key}' as {len(data)} integer labels, got {got}")
         if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
             raise ByotError(f"{path}: labels must lie in 0..{num_classes - 1}")
         datas.append(data)

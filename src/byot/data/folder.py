@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,11 @@ def find_split(root: Path, names: tuple[str, ...]) -> Path:
 
 
 def index_folder(split_dir: Path, classes: list[str] | None = None) -> FolderIndex:
-    """List ``split_dir/<class>/<image>``; hidden entries and non-image files are ignored."""
-    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """List ``split_dir/<class>/<image>``; hidden entries and non-image files are ignored, and so are links
+    (class folders or files) that lead outside ``split_dir`` (with a warning naming them)."""
+    root = split_dir.resolve()
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                   and _inside(p, root))
     first_split = classes is None
     if classes is None:
         classes = found
@@ -58,7 +62,8 @@ def index_folder(split_dir: Path, classes: list[str] | None = None) -> FolderInd
     paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (split_dir / name).iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+                       and _inside(p, root))
         if not files and first_split:
             raise ByotError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         if not files:  # e.g. a class of one image: byot split puts it in train and leaves test empty
@@ -66,6 +71,38 @@ def index_folder(split_dir: Path, classes: list[str] | None = None) -> FolderInd
         paths += files
         labels += [label] * len(files)
     return FolderIndex(paths, labels, classes)
+
+
+def resolve_inside(entry: Path, root: Path) -> tuple[Path | None, str | None]:
+    """(resolved path, None), or (None, why it is refused): unsafe name, broken link, link out of ``root``
+    (a resolved folder). Used wherever byot lists user folders, so that a link never takes it elsewhere."""
+    bad = _unsafe_name(entry.name)
+    if bad:
+        return None, bad
+    try:
+        real = entry.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # broken link, or a loop (RuntimeError before Python 3.13)
+        return None, f"cannot be resolved ({e.__class__.__name__})"
+    if not real.is_relative_to(root):
+        return None, f"symlink to {real}, outside {root}; not followed"
+    return real, None
+
+
+def _unsafe_name(name: str) -> str | None:
+    # names come from a listing, so these cannot occur on POSIX; a name that could climb out of
+    # DST/<split>/<class>/ must never become part of a target path, however it got here
+    if name in ("", ".", ".."):
+        return f"name {name!r} is not a file name"
+    if any(c in name for c in ("/", "\\", "\0", os.sep, os.altsep or "/")):
+        return "name holds a path separator or NUL"
+    return None
+
+
+def _inside(entry: Path, root: Path) -> bool:
+    real, reason = resolve_inside(entry, root)
+    if real is None:
+        log.warning("skipping %s: %s", entry, reason)
+    return real is not None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

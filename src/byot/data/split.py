@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from byot.data.folder import IMAGE_EXTENSIONS
+from byot.data.folder import IMAGE_EXTENSIONS, resolve_inside
 from byot.errors import ByotError
 
 log = logging.getLogger("byot.data")
@@ -186,7 +186,7 @@ def _scan_source(src: Path) -> _Source:
         if entry.name.startswith("."):
             source.skip(rel + "/" if entry.is_dir() else rel)
             continue
-        real, reason = _resolve_inside(entry, src)
+        real, reason = resolve_inside(entry, src)
         if real is None:
             source.skip(rel, reason)
         elif not real.is_dir():
@@ -215,7 +215,7 @@ def _scan_class(src: Path, name: str, real_dir: Path, source: _Source) -> list[P
         if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
             source.skip(rel)
             continue
-        real, reason = _resolve_inside(path, src)
+        real, reason = resolve_inside(path, src)
         if real is None:
             source.skip(rel, reason)
             continue
@@ -229,30 +229,6 @@ def _scan_class(src: Path, name: str, real_dir: Path, source: _Source) -> list[P
             continue
         files.append(real)
     return files
-
-
-def _resolve_inside(entry: Path, src: Path) -> tuple[Path | None, str | None]:
-    """(resolved path, None), or (None, why it is refused): unsafe name, broken link, link out of SRC."""
-    bad = _unsafe_name(entry.name)
-    if bad:
-        return None, bad
-    try:
-        real = entry.resolve(strict=True)
-    except (OSError, RuntimeError) as e:  # broken link, or a loop (RuntimeError before Python 3.13)
-        return None, f"cannot be resolved ({e.__class__.__name__})"
-    if not real.is_relative_to(src):
-        return None, f"symlink to {real}, outside SRC; not followed"
-    return real, None
-
-
-def _unsafe_name(name: str) -> str | None:
-    # names come from a listing, so these cannot occur on POSIX; a name that could climb out of
-    # DST/<split>/<class>/ must never become part of a target path, however it got here
-    if name in ("", ".", ".."):
-        return f"name {name!r} is not a file name"
-    if any(c in name for c in ("/", "\\", "\0", os.sep, os.altsep or "/")):
-        return "name holds a path separator or NUL"
-    return None
 
 
 def _already_split_hint(source: _Source) -> str:

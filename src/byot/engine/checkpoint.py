@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 
+from byot import __version__
 from byot.engine.faults import fault_point
 from byot.errors import ByotError
 
-FORMAT = "byot-checkpoint-v1"
+FORMAT_PREFIX = "byot-checkpoint-"
+FORMAT = FORMAT_PREFIX + "v1"  # raised when the layout of a checkpoint changes incompatibly
 
 
 def save_checkpoint(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:
@@ -83,8 +85,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # truncated, corrupt, or holds objects weights_only refuses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ByotError(f"cannot read checkpoint {path} (truncated, corrupt or not a byot checkpoint): {first}") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or not str(state.get("format", "")).startswith(FORMAT_PREFIX):
         raise ByotError(f"{path} is not a byot checkpoint (no '{FORMAT}' marker)")
+    if state["format"] != FORMAT:
+        raise ByotError(f"{path} was written by byot {state.get('version', '?')} in checkpoint format "
+                        f"{state['format']}; this byot ({__version__}) reads {FORMAT}: use a byot version that "
+                        "reads it")
     return state
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from byot.data import Batches
+from byot.engine.faults import fault_point
 from byot.engine.runtime import Runtime
 
 
@@ -33,6 +34,7 @@ def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Seq
     correct: torch.Tensor | None = None  # (num_exits + 1, len(ks)): exits, then the ensemble
     seen = 0
     for images, targets in batches:
+        fault_point("evaluate")
         with runtime.autocast():
             logits = model(runtime.inputs(images)).logits
         if correct is None:

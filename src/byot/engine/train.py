@@ -155,7 +155,8 @@ class NonFiniteGuard:
             allowed = f"more than --skip-nonfinite {self.allowed} " if self.allowed else ""
             raise NonFiniteLoss(
                 f"loss term {', '.join(terms)} became non-finite at epoch {epoch + 1}, step {step} ({total} "
-                f"{allowed}non-finite step(s) in this run); the last good checkpoint is kept; try a lower --lr "
+                f"{allowed}non-finite step(s) in this run); this epoch is not saved, finished epochs' checkpoints "
+                f"are kept; try a lower --lr "
                 f"(now {self.lr:g}), or --skip-nonfinite N to skip up to N such steps")
         if bad > self.reported:
             self.reported = bad

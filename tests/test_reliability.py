@@ -1,0 +1,264 @@
+"""Fault injection with real processes: kill -9 anywhere, SIGINT/SIGTERM, NaN losses, full disks, bad files.
+
+Every run is a real ``byot train`` process on the digits (deterministic on the CPU), 3 epochs of a width-4
+network at 16 px with a validation hold-out: about 4 s. A crash is either a real SIGKILL from outside or
+one the process sends itself at a named point (``BYOT_FAULT``, byot.engine.faults), so the place of death
+is exact. The reference is the same run, uninterrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from byot.cli import main
+from byot.engine.checkpoint import FORMAT, load_checkpoint
+
+ARCH = "multi_resnet18_kd"
+RUN = ["--dataset", "digits", "--image-size", "16", "--width", "4", "--epochs", "3", "--batch-size", "64",
+       "--val-split", "0.2", "--no-progress", "--print-freq", "5"]
+STEPS_PER_EPOCH = 18  # ceil(1150 training digits left after the 20% hold-out / 64)
+TIMING = {"epoch_seconds", "train_seconds", "train_images_per_s"}
+
+
+def byot_train(folder: Path, *extra: str, fault: str | None = None, wait: bool = True, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # identical numerics in every run of this file
+    env.pop("BYOT_FAULT", None)
+    if fault:
+        env["BYOT_FAULT"] = fault
+    command = [sys.executable, "-m", "byot", "train", ARCH, *RUN, "--save-folder", str(folder), *extra]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False, **kwargs)
+
+
+def results(folder: Path) -> tuple[list[dict], dict]:
+    """metrics.jsonl without timing, and the final test evaluation without its checkpoint path."""
+    run = folder / ARCH
+    metrics = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+               for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((run / "test_result.json").read_text())
+    final.pop("checkpoint")
+    return metrics, final
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[list[dict], dict]:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    proc = byot_train(folder)
+    assert proc.returncode == 0, proc.stderr
+    return results(folder)
+
+
+def resume_and_compare(folder: Path, reference: tuple[list[dict], dict]) -> subprocess.CompletedProcess:
+    latest = folder / ARCH / "checkpoint_latest.pth.tar"
+    proc = byot_train(folder, "--resume", str(latest))
+    assert proc.returncode == 0, proc.stderr
+    assert results(folder) == reference  # every epoch's metrics and the final test: exactly the same
+    return proc
+
+
+@pytest.mark.parametrize("fault,epochs_saved", [
+    (f"train_step:{STEPS_PER_EPOCH + 7}", 1),  # mid epoch 2
+    ("evaluate:9", 1),  # during epoch 2's evaluation (5 validation batches per epoch)
+    ("checkpoint_write:3", 1),  # writing epoch 2's checkpoint (epoch 1 wrote model_best and latest)
+    ("after_metrics:2", 1),  # epoch 2's metrics line written, its checkpoints not yet
+])
+def test_kill_9_anywhere_loses_at_most_the_current_epoch(tmp_path, reference, fault, epochs_saved):
+    proc = byot_train(tmp_path, fault=fault)
+    assert proc.returncode == -signal.SIGKILL
+    run = tmp_path / ARCH
+    assert load_checkpoint(run / "checkpoint_latest.pth.tar")["epoch"] == epochs_saved
+    leftovers = list(run.glob(".*.tmp-*"))
+    if fault.startswith("checkpoint_write"):
+        assert leftovers  # the write that was cut short ...
+    resumed = resume_and_compare(tmp_path, reference)
+    assert not list(run.glob(".*.tmp-*"))  # ... is cleaned up, and said so
+    if leftovers:
+        assert "cut short" in resumed.stderr
+
+
+def test_kill_9_from_outside_mid_epoch(tmp_path, reference):
+    proc = byot_train(tmp_path, wait=False)
+    log = tmp_path / ARCH / "log_train.txt"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "epoch 2 step 10/" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before epoch 2"
+        time.sleep(0.02)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    resume_and_compare(tmp_path, reference)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_stop_within_seconds_with_a_resumable_checkpoint(tmp_path, reference, sig, code):
+    proc = byot_train(tmp_path, wait=False)
+    log = tmp_path / ARCH / "log_train.txt"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "epoch 2 step 5/" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code and time.monotonic() - sent < 10
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert load_checkpoint(tmp_path / ARCH / "checkpoint_latest.pth.tar")["epoch"] == 1
+    resume_and_compare(tmp_path, reference)
+
+
+def test_a_signal_during_a_checkpoint_write_waits_for_the_write(tmp_path):
+    # SIGINT arrives while epoch 1's model_best is being written: the write, and latest's, complete first
+    proc = byot_train(tmp_path, fault="checkpoint_write:1:INT")
+    assert proc.returncode == 130, proc.stderr
+    run = tmp_path / ARCH
+    assert load_checkpoint(run / "checkpoint_latest.pth.tar")["epoch"] == 1
+    assert load_checkpoint(run / "model_best.pth.tar")["epoch"] == 1
+    assert not list(run.glob(".*.tmp-*"))
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    proc = byot_train(tmp_path, wait=False)
+    log = tmp_path / ARCH / "log_train.txt"
+    while not (log.exists() and "step 5/" in log.read_text()):
+        assert proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=10)
+    assert proc.returncode == 130
+
+
+def test_nonfinite_loss_stops_naming_step_epoch_and_term(tmp_path):
+    proc = byot_train(tmp_path, fault=f"nonfinite_loss:{STEPS_PER_EPOCH + 7}")
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "loss term kd/exit2 became non-finite at epoch 2, step 7" in err and "lower --lr" in err
+    assert load_checkpoint(tmp_path / ARCH / "checkpoint_latest.pth.tar")["epoch"] == 1  # the good one, kept
+
+
+def test_skip_nonfinite_skips_the_update_and_goes_on(tmp_path):
+    proc = byot_train(tmp_path, "--skip-nonfinite", "2", fault=f"nonfinite_loss:{STEPS_PER_EPOCH + 7}")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped the update of 1 non-finite step(s) in epoch 2 (first: step 7, kd/exit2)" in proc.stderr
+    metrics = [json.loads(line) for line in (tmp_path / ARCH / "metrics.jsonl").read_text().splitlines()]
+    assert [m["nonfinite_steps"] for m in metrics] == [0, 1, 1]
+    state = load_checkpoint(tmp_path / ARCH / "checkpoint_latest.pth.tar")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(0 <= m["losses"]["loss"] < 100 for m in metrics)  # the NaN step is left out of the means
+
+
+def test_a_diverging_run_stops_with_advice(tmp_path):
+    proc = byot_train(tmp_path, "--lr", "1e6")
+    assert proc.returncode == 2
+    assert "became non-finite at epoch 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unwritable_save_folder_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    started = time.monotonic()
+    proc = byot_train(blocker / "runs")
+    assert proc.returncode == 2 and "byot: error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "epoch 1" not in proc.stderr and time.monotonic() - started < 60
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write then fails with EFBIG, like a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
+    assert byot_train(tmp_path, "--epochs", "1").returncode == 0  # a 1-epoch run: its checkpoint is the previous
+    latest = tmp_path / ARCH / "checkpoint_latest.pth.tar"
+    size = latest.stat().st_size
+    proc = byot_train(tmp_path, "--resume", str(latest), preexec_fn=_limit_file_size(size // 2))
+    assert proc.returncode == 2
+    assert "could not write checkpoint" in proc.stderr and "previous file is intact" in proc.stderr
+    assert load_checkpoint(latest)["epoch"] == 1 and latest.stat().st_size == size
+    assert not list((tmp_path / ARCH).glob(".*.tmp-*"))
+
+
+def _trained(tmp_path: Path, *extra: str) -> Path:
+    assert byot_train(tmp_path, "--epochs", "1", *extra).returncode == 0
+    return tmp_path / ARCH / "checkpoint_latest.pth.tar"
+
+
+def test_checkpoints_of_another_kind_are_refused_saying_what_differs(tmp_path, capsys):
+    ckpt = _trained(tmp_path, "--head", "attention")
+    assert main(["test", ARCH, "--resume", str(ckpt), "--head", "bottleneck"]) == 2
+    assert "--head 'bottleneck' (checkpoint: 'attention')" in capsys.readouterr().err
+    assert main(["test", "multi_resnet50_kd", "--resume", str(ckpt)]) == 2
+    assert "arch" in capsys.readouterr().err
+    state = torch.load(ckpt, weights_only=True)
+    newer = tmp_path / "newer.pth.tar"
+    torch.save({**state, "format": "byot-checkpoint-v2", "version": "9.0"}, newer)
+    assert main(["test", ARCH, "--resume", str(newer)]) == 2
+    assert f"written by byot 9.0 in checkpoint format byot-checkpoint-v2; this byot" in capsys.readouterr().err
+    edited = tmp_path / "edited.pth.tar"
+    model = dict(state["model"])
+    model.pop("heads.0.fc.weight")
+    torch.save({**state, "model": model}, edited)
+    assert main(["test", ARCH, "--resume", str(edited)]) == 2
+    assert "does not fit the model" in capsys.readouterr().err and state["format"] == FORMAT
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path("/tmp/byot-test-payload-ran")
+
+
+def test_a_malicious_checkpoint_cannot_run_code(tmp_path, capsys):
+    MARKER.unlink(missing_ok=True)
+    evil = tmp_path / "evil.pth.tar"
+    evil.write_bytes(pickle.dumps({"format": FORMAT, "model": _Payload()}, protocol=2))
+    torch.save({"format": FORMAT, "payload": _Payload()}, tmp_path / "evil2.pth.tar")
+    for path in (evil, tmp_path / "evil2.pth.tar"):
+        assert main(["test", ARCH, "--resume", str(path), "--dataset", "digits"]) == 2
+        assert "cannot read checkpoint" in capsys.readouterr().err
+    assert not MARKER.exists()
+
+
+def test_a_yaml_config_cannot_run_code(tmp_path, capsys):
+    MARKER.unlink(missing_ok=True)
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"epochs: !!python/object/apply:os.system ['touch {MARKER}']\n")
+    assert main(["train", ARCH, "--dataset", "digits", "--config", str(config)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert not MARKER.exists()
+
+
+def test_the_folder_reader_does_not_follow_links_out_of_the_data(tmp_path, cifar10_jpg, caplog):
+    from byot.data.folder import index_folder
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.jpg"
+    secret.write_bytes(next((cifar10_jpg / "train" / "cat").iterdir()).read_bytes())
+    root = tmp_path / "data" / "train"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for f in sorted((cifar10_jpg / "train" / name).iterdir())[:2]:
+            (root / name / f.name).write_bytes(f.read_bytes())
+    (root / "cat" / "link.jpg").symlink_to(secret)  # a file link leaving the data
+    (root / "stolen").symlink_to(outside, target_is_directory=True)  # a class folder leaving it
+    (root / "dog" / "inside.jpg").symlink_to(root / "cat" / sorted(os.listdir(root / "cat"))[0])  # stays inside
+    index = index_folder(root)
+    assert index.classes == ["cat", "dog"]
+    assert secret not in [p.resolve() for p in index.paths] and len(index.paths) == 5
+    assert "outside" in caplog.text
