@@ -48,7 +48,8 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
                    help="start the backbone from torchvision's ImageNet weights (needs them cached or internet), "
                         "or from a local torchvision ResNet state dict PATH; the exits start fresh (width 64)")
     g = p.add_argument_group("run")
-    g.add_argument("--batch-size", type=int, help=f"images per step (default {D.batch_size})")
+    g.add_argument("--batch-size", type=int, help=f"images per step (default {D.batch_size}); under torchrun the "
+                   "global batch, split over the processes, so a recipe means the same on 1 or N of them")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision (default auto: bf16 on GPUs and CPUs that run it natively, fp16 on "
@@ -56,6 +57,8 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep NCHW memory format (channels-last is faster on oneDNN CPUs and tensor-core GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (eager if it fails)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), not per process")
     g.add_argument("--seed", type=int, help=f"seeds weights, order and augmentation (default {D.seed})")
     g.add_argument("--resume", help="checkpoint to continue from (train) or to evaluate (test); 'auto': the "
                    "newest readable checkpoint of the run directory (latest, else previous), or a new run")
@@ -210,12 +213,13 @@ def _given(args: argparse.Namespace, *drop: str) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in ("command", "config_file", *drop)}
 
 
-def _setup_logging(progress_bar: bool) -> None:
+def _setup_logging(progress_bar: bool, quiet: bool = False) -> None:
+    """Log lines on stderr (step lines too, unless a progress bar shows them); ``quiet``: warnings only."""
     root = logging.getLogger("byot")
     root.setLevel(logging.DEBUG)
     root.handlers.clear()
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.INFO if progress_bar else logging.DEBUG)
+    console.setLevel(logging.WARNING if quiet else logging.INFO if progress_bar else logging.DEBUG)
     console.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(console)
     root.propagate = False
@@ -234,25 +238,33 @@ def _log_to_file(run_dir: Path) -> None:
 
 
 def _run_training(given: dict[str, Any], config_file: str | None, overwrite: bool) -> int:
+    from byot.engine.distributed import launched_by_torchrun
     from byot.engine.run import LATEST, fit, resolve_config
     from byot.engine.signals import Interrupted, handle_signals
 
-    show_bar = given.get("progress", True) and sys.stderr.isatty()
-    _setup_logging(show_bar)
+    main_process = launched_by_torchrun().is_main  # under torchrun only rank 0 logs, prints and writes
+    show_bar = given.get("progress", True) and sys.stderr.isatty() and main_process
+    _setup_logging(show_bar, quiet=not main_process)
     cfg, checkpoint = resolve_config(given, config_file)
     show_bar = cfg.progress and show_bar
     cfg = dataclasses.replace(cfg, progress=show_bar)
-    _log_to_file(cfg.run_dir)
+    if main_process:
+        _log_to_file(cfg.run_dir)
     try:
         with handle_signals():
             records = fit(cfg, checkpoint, overwrite=overwrite)
     except (KeyboardInterrupt, Interrupted) as e:
+        code = e.exit_code if isinstance(e, Interrupted) else 130
+        if not main_process:
+            return code
         latest = cfg.run_dir / LATEST
         where = (f"continue with --resume {latest} (or --resume auto)" if latest.exists()
                  else "no epoch had finished, so there is nothing to resume")
         name = "SIGTERM" if isinstance(e, Interrupted) and e.signum == signal.SIGTERM else "Ctrl-C"
         print(f"byot: interrupted ({name}); every finished epoch is saved: {where}", file=sys.stderr)
-        return e.exit_code if isinstance(e, Interrupted) else 130
+        return code
+    if not main_process:
+        return 0
     if records and "final_test" in records[-1]:
         final = records[-1]["final_test"]
         print(f"test split, evaluated once with model_best (epoch {final['epoch']}, selected on validation):")

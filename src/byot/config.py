@@ -33,7 +33,7 @@ class TrainConfig:
     class_weights: str = "none"  # "balanced": label terms weighted by N / (K * n_class), for imbalanced data
     # optimisation
     epochs: int = 200
-    batch_size: int = 128  # images per step
+    batch_size: int = 128  # images per step: the global batch, split over the processes under torchrun
     lr: float = 0.1  # initial learning rate (SGD)
     momentum: float = 0.9
     weight_decay: float = 5e-4  # L2 on every parameter, as the reference
@@ -45,6 +45,7 @@ class TrainConfig:
     amp: str = "auto"  # mixed precision: auto | bf16 | fp16 | off (auto: bf16 where the hardware runs it natively)
     channels_last: bool = True  # NHWC memory format: faster convolutions on oneDNN CPUs and tensor-core GPUs
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics of the global batch, not each process's part
     # self-distillation loss
     temperature: float = 3.0  # softens the teacher; the KD term is scaled by T**2
     alpha: float = 0.1  # KD weight; labels get (1 - alpha)

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from byot.data.batches import TensorBatches, batch_bounds
+from byot.data.batches import ONE_PROCESS, Shard, TensorBatches, batch_bounds
 from byot.data.cifar import load_cifar
 from byot.data.digits import load_digits
 from byot.data.folder import FolderBatches, FolderIndex, find_split, index_folder
@@ -34,6 +34,7 @@ class Batches(Protocol):
     num_samples: int
 
     def set_epoch(self, epoch: int) -> None: ...
+    def global_batch_sizes(self) -> list[int]: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
@@ -72,7 +73,7 @@ def stratified_holdout(labels: list[int], fraction: float, seed: int) -> tuple[l
 def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: int | None, seed: int,
                device: torch.device, workers: int = 0, download: bool = False,
                eval_batch_size: int | None = None, skip_corrupt: bool = False,
-               val_split: float = 0.0) -> DataBundle:
+               val_split: float = 0.0, shard: Shard = ONE_PROCESS) -> DataBundle:
     """Load ``dataset`` and wrap both splits in epoch-wise batch iterators on ``device``.
 
     Image folders are scanned first: every file is decoded once, and unreadable ones stop the run
@@ -94,10 +95,10 @@ def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: 
             keep, held = stratified_holdout(train_index.labels, val_split, seed)
             val_index = _pick(train_index, held)
             train_index = _pick(train_index, keep)
-            val = FolderBatches(val_index, size, eval_batch_size, False, seed, device, workers)
+            val = FolderBatches(val_index, size, eval_batch_size, False, seed, device, workers, shard)
         return DataBundle(
-            FolderBatches(train_index, size, batch_size, True, seed, device, workers),
-            FolderBatches(test_index, size, eval_batch_size, False, seed, device, workers),
+            FolderBatches(train_index, size, batch_size, True, seed, device, workers, shard),
+            FolderBatches(test_index, size, eval_batch_size, False, seed, device, workers, shard),
             train_index.classes, size, mean, std, _counts(train_index.labels, len(train_index.classes)), val)
     if dataset == "digits":
         train, test = load_digits(image_size or 32)
@@ -111,9 +112,9 @@ def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: 
     if val_split > 0:
         keep, held = stratified_holdout(train.labels.tolist(), val_split, seed)
         train, held_out = train.subset(torch.tensor(keep)), train.subset(torch.tensor(held, dtype=torch.long))
-        val = TensorBatches(held_out, eval_batch_size, False, seed, device)
-    return DataBundle(TensorBatches(train, batch_size, True, seed, device),
-                      TensorBatches(test, eval_batch_size, False, seed, device),
+        val = TensorBatches(held_out, eval_batch_size, False, seed, device, shard=shard)
+    return DataBundle(TensorBatches(train, batch_size, True, seed, device, shard=shard),
+                      TensorBatches(test, eval_batch_size, False, seed, device, shard=shard),
                       train.classes, train.images.shape[-1], mean, std,
                       _counts(train.labels.tolist(), len(train.classes)), val)
 
@@ -150,4 +151,4 @@ def _existing_dir(data_dir: str | None, dataset: str, create: bool = False) -> P
     return path
 
 
-__all__ = ["DATASETS", "NORMALIZATION", "Batches", "DataBundle", "ImageSet", "batch_bounds", "build_data"]
+__all__ = ["DATASETS", "NORMALIZATION", "Batches", "DataBundle", "ImageSet", "Shard", "batch_bounds", "build_data"]

@@ -7,11 +7,12 @@ is the same whether the run was interrupted before it or not: resume needs no da
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from byot.data.images import ImageSet
-from byot.data.transforms import random_crop_flip
+from byot.data.transforms import apply_crop_flip, draw_crop_flip
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -19,11 +20,28 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def batch_bounds(num_samples: int, batch_size: int, train: bool) -> list[tuple[int, int]]:
-    """[start, end) of each batch. In training a last batch of one sample joins the one before it:
-    BatchNorm cannot normalise a single value, and one sample is a poor estimate of batch statistics."""
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of every batch under torchrun: rank ``rank`` of ``world``."""
+
+    rank: int = 0
+    world: int = 1
+
+    def part(self, n: int) -> tuple[int, int]:
+        """[lo, hi) of a batch of ``n`` samples: contiguous parts whose sizes differ by at most one."""
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+
+ONE_PROCESS = Shard()  # the whole of every batch: no torchrun
+
+
+def batch_bounds(num_samples: int, batch_size: int, train: bool, world: int = 1) -> list[tuple[int, int]]:
+    """[start, end) of each (global) batch. A last batch too small to split joins the one before it: in
+    training one sample per process (BatchNorm cannot normalise a single value, and one sample is a poor
+    estimate of batch statistics); in evaluation under torchrun, fewer samples than processes."""
     bounds = [(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
-    if train and len(bounds) >= 2 and bounds[-1][1] - bounds[-1][0] == 1:
+    smallest = 2 * world if train else (max(1, world))
+    if len(bounds) >= 2 and bounds[-1][1] - bounds[-1][0] < smallest:
         bounds[-2:] = [(bounds[-2][0], bounds[-1][1])]
     return bounds
 
@@ -34,13 +52,18 @@ def epoch_order(num_samples: int, train: bool, generator: torch.Generator) -> to
 
 
 class TensorBatches:
-    """Batches drawn from an ImageSet held (uint8) on the training device."""
+    """Batches drawn from an ImageSet held (uint8) on the training device.
+
+    Under torchrun every process draws the same global batches and the same crops and flips, and keeps
+    its ``shard``'s part: together the processes see exactly the batches one process would.
+    """
 
     def __init__(self, data: ImageSet, batch_size: int, train: bool, seed: int, device: torch.device,
-                 crop_padding: int = 4) -> None:
+                 crop_padding: int = 4, shard: Shard = ONE_PROCESS) -> None:
         self.images = data.images.to(device)  # (N, 3, H, W) uint8
         self.labels = data.labels.to(device)  # (N,)
         self.batch_size, self.train, self.seed, self.crop_padding = batch_size, train, seed, crop_padding
+        self.shard = shard
         self.epoch = 0
 
     @property
@@ -50,15 +73,23 @@ class TensorBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def global_batch_sizes(self) -> list[int]:
+        """Samples of each batch over all processes (this process holds its shard's part of each)."""
+        return [e - s for s, e in batch_bounds(self.num_samples, self.batch_size, self.train, self.shard.world)]
+
     def __len__(self) -> int:
-        return len(batch_bounds(self.num_samples, self.batch_size, self.train))
+        return len(batch_bounds(self.num_samples, self.batch_size, self.train, self.shard.world))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = epoch_generator(self.seed, self.epoch)
         order = epoch_order(self.num_samples, self.train, g).to(self.images.device)
-        for start, end in batch_bounds(self.num_samples, self.batch_size, self.train):
-            idx = order[start:end]
+        for start, end in batch_bounds(self.num_samples, self.batch_size, self.train, self.shard.world):
+            if self.train:
+                offsets, flip = draw_crop_flip(end - start, self.crop_padding, g)  # for the whole global batch
+            lo, hi = self.shard.part(end - start)
+            idx = order[start + lo:start + hi]
             images = self.images[idx]  # (B, 3, H, W) uint8
             if self.train:
-                images = random_crop_flip(images, self.crop_padding, g)
+                images = apply_crop_flip(images, self.crop_padding, None if offsets is None else offsets[lo:hi],
+                                         flip[lo:hi])
             yield images, self.labels[idx]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from byot.data.batches import batch_bounds, epoch_generator, epoch_order
+from byot.data.batches import ONE_PROCESS, Shard, batch_bounds, epoch_generator, epoch_order
 from byot.errors import ByotError
 
 log = logging.getLogger("byot.data")
@@ -193,16 +193,17 @@ class _EpochBatchSampler:
         g = epoch_generator(o.seed, o.epoch)
         order = epoch_order(o.num_samples, o.train, g).tolist()
         seeds = torch.randint(0, 2**62, (o.num_samples,), generator=g).tolist() if o.train else None
-        for start, end in batch_bounds(o.num_samples, o.batch_size, o.train):
-            yield [(i, seeds[i] if seeds else None) for i in order[start:end]]
+        for start, end in batch_bounds(o.num_samples, o.batch_size, o.train, o.shard.world):
+            lo, hi = o.shard.part(end - start)
+            yield [(i, seeds[i] if seeds else None) for i in order[start + lo:start + hi]]
 
 
 class FolderBatches:
     """Batches of an image folder: same interface as TensorBatches (``set_epoch``, ``len``, iterate)."""
 
     def __init__(self, index: FolderIndex, image_size: int, batch_size: int, train: bool, seed: int,
-                 device: torch.device, workers: int) -> None:
-        self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, device
+                 device: torch.device, workers: int, shard: Shard = ONE_PROCESS) -> None:
+        self.batch_size, self.train, self.seed, self.device, self.shard = batch_size, train, seed, device, shard
         self.epoch = 0
         self.num_samples = len(index.paths)
         self.loader = torch.utils.data.DataLoader(
@@ -213,8 +214,12 @@ class FolderBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def global_batch_sizes(self) -> list[int]:
+        """Samples of each batch over all processes (this process decodes its shard's part of each)."""
+        return [e - s for s, e in batch_bounds(self.num_samples, self.batch_size, self.train, self.shard.world)]
+
     def __len__(self) -> int:
-        return len(batch_bounds(self.num_samples, self.batch_size, self.train))
+        return len(self.global_batch_sizes())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:

@@ -12,16 +12,30 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     images: (B, C, H, W) on any device; the random draws come from the CPU ``generator`` so a run
     is reproducible whatever the device.
     """
+    offsets, flip = draw_crop_flip(len(images), padding, generator)
+    return apply_crop_flip(images, padding, offsets, flip)
+
+
+def draw_crop_flip(batch: int, padding: int, generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The random part of ``random_crop_flip`` for ``batch`` samples: crop offsets (B, 2) in [0, 2p] (None
+    without padding) and flip flags (B,). Drawn for a whole global batch, sliced per process under torchrun."""
+    offsets = torch.randint(0, 2 * padding + 1, (batch, 2), generator=generator) if padding > 0 else None
+    return offsets, torch.rand(batch, generator=generator) < 0.5
+
+
+def apply_crop_flip(images: torch.Tensor, padding: int, offsets: torch.Tensor | None,
+                    flip: torch.Tensor) -> torch.Tensor:
+    """Crop each (C, H, W) image of ``images`` at its offset in the zero-padded image, then flip where asked."""
     b, _, h, w = images.shape
-    if padding > 0:
-        offsets = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator).to(images.device)  # (B, 2)
+    if offsets is not None:
+        offsets = offsets.to(images.device)  # (B, 2)
         padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H + 2p, W + 2p)
         rows = offsets[:, 0:1] + torch.arange(h, device=images.device)  # (B, H)
         cols = offsets[:, 1:2] + torch.arange(w, device=images.device)  # (B, W)
         batch = torch.arange(b, device=images.device)[:, None, None]
         # advanced indexing puts the indexed dims first: (B, H, W, C) -> back to (B, C, H, W)
         images = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)  # (B,)
+    flip = flip.to(images.device)  # (B,)
     return torch.where(flip[:, None, None, None], images.flip(3), images).contiguous()
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from byot.data import Batches
+from byot.engine.distributed import all_reduce_sum
 from byot.engine.faults import fault_point
 from byot.engine.runtime import Runtime
 
@@ -25,7 +26,8 @@ def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Seq
              confusion: bool = False) -> dict[str, Any]:
     """Accuracy (percent) of every exit and of the ensemble (mean of the exits' softmax).
 
-    Counts accumulate on the device; the host reads them once, at the end. With ``confusion`` the
+    Counts accumulate on the device; the host reads them once, at the end (after summing them over
+    processes under torchrun, where each scored its shard of every batch). With ``confusion`` the
     result also holds "confusion": one (K, K) int64 matrix per exit (rows: true class, columns: predicted).
     """
     matrices: torch.Tensor | None = None  # (num_exits, K * K)
@@ -50,6 +52,11 @@ def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Seq
             matrices = counts if matrices is None else matrices + counts
     if correct is None:
         return {"num_images": 0, "exits": [], "ensemble": {"top1": 0.0, "top5": 0.0}}
+    # under torchrun each process scored its part of every batch: the counts add up to the whole split
+    counts = all_reduce_sum(torch.cat([correct.flatten(), torch.tensor([seen], device=correct.device)]))
+    correct, seen = counts[:-1].view_as(correct), int(counts[-1])
+    if matrices is not None:
+        matrices = all_reduce_sum(matrices)
     acc = (correct.double() * 100.0 / seen).tolist()
     exits = [{"exit": k, "top1": a[0], "top5": a[1]} for k, a in zip(exit_ids, acc)]
     result = {"num_images": seen, "exits": exits, "ensemble": {"top1": acc[-1][0], "top5": acc[-1][1]}}

@@ -16,7 +16,8 @@ from torch import nn
 
 from byot import __version__
 from byot.config import TrainConfig, build_config, check_model_options, config_to_dict, load_yaml, save_yaml
-from byot.data import NORMALIZATION, DataBundle, build_data
+from byot.data import NORMALIZATION, DataBundle, Shard, build_data
+from byot.data.batches import ONE_PROCESS
 from byot.engine.checkpoint import (
     load_checkpoint,
     remove_stale_temporaries,
@@ -25,6 +26,17 @@ from byot.engine.checkpoint import (
     save_checkpoint,
 )
 from byot.engine.cost import exit_costs
+from byot.engine.distributed import (
+    SINGLE,
+    DistContext,
+    barrier,
+    convert_sync_batchnorm,
+    init_distributed,
+    launched_by_torchrun,
+    per_process_batch_note,
+    shutdown,
+    wrap_ddp,
+)
 from byot.engine.evaluate import evaluate
 from byot.engine.faults import fault_point
 from byot.engine.reports import class_counts, per_class_table, write_confusion
@@ -95,9 +107,10 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> MultiExi
                         exits=cfg.distill, head=cfg.head)
 
 
-def load_data(cfg: TrainConfig, device: torch.device) -> DataBundle:
+def load_data(cfg: TrainConfig, device: torch.device, shard: Shard = ONE_PROCESS) -> DataBundle:
     return build_data(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.image_size, cfg.seed, device,
-                      cfg.workers, cfg.download, skip_corrupt=cfg.skip_corrupt, val_split=cfg.val_split)
+                      cfg.workers, cfg.download, skip_corrupt=cfg.skip_corrupt, val_split=cfg.val_split,
+                      shard=shard)
 
 
 def build_loss(cfg: TrainConfig, data: DataBundle, device: torch.device) -> SelfDistillLoss:
@@ -147,11 +160,13 @@ def _check_single_sample_batches(model: MultiExitResNet, data: DataBundle) -> No
                         "BatchNorm cannot normalise; use --batch-size 2 or more, or a larger --image-size")
 
 
-def _prepare_run_dir(cfg: TrainConfig, resuming: bool, overwrite: bool) -> Path:
+def _prepare_run_dir(cfg: TrainConfig, resuming: bool, overwrite: bool, probe: bool = True) -> Path:
     run_dir = cfg.run_dir
     if not resuming and (run_dir / LATEST).exists() and not overwrite:
         raise ByotError(f"{run_dir} already holds a run; continue it with --resume {run_dir / LATEST}, "
                         "or choose another --save-folder, or add --overwrite")
+    if not probe:  # another process (rank 0) writes here
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     probe = run_dir / ".write-probe"
     try:
@@ -223,14 +238,18 @@ class Session:
     scaler: torch.amp.GradScaler
     loss_fn: SelfDistillLoss
     nonfinite_steps: int = 0  # optimizer steps skipped so far for a non-finite loss (--skip-nonfinite)
+    ctx: DistContext = SINGLE  # this process's rank under torchrun
 
 
-def build_session(cfg: TrainConfig, checkpoint: dict | None) -> Session:
-    """Data, model, runtime and optimizer for ``cfg``, restored from ``checkpoint`` when given."""
-    device = resolve_device(cfg.device)
+def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = SINGLE) -> Session:
+    """Data, model, runtime and optimizer for ``cfg``, restored from ``checkpoint`` when given; under
+    torchrun (``ctx``) this process's shard of the data and the model wrapped in DistributedDataParallel."""
+    device = init_distributed(ctx, resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg, device)
+    data = load_data(cfg, device, ctx.shard)
     model = build_model(cfg, len(data.classes), data.image_size)
+    if cfg.sync_bn and ctx.active:
+        model = convert_sync_batchnorm(model, device)  # same keys: checkpoints stay interchangeable
     if cfg.pretrained and checkpoint is None:
         source = None if cfg.pretrained == "imagenet" else cfg.pretrained
         log.info("pretrained backbone: %s", describe_load(load_pretrained(model, source)))
@@ -246,13 +265,27 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None) -> Session:
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_state(checkpoint["rng"])
+        _warn_world_size_change(checkpoint, ctx, cfg)
     forward: nn.Module = model
     if cfg.compile:
         example = next(iter(data.test))[0][:2]
         forward = compile_model(model, example, runtime)
+    forward = wrap_ddp(forward, ctx, device)
     model.grad_checkpoint = cfg.grad_checkpoint
     skipped = checkpoint.get("nonfinite_steps", 0) if checkpoint else 0
-    return Session(cfg, data, model, forward, runtime, optimizer, scaler, build_loss(cfg, data, device), skipped)
+    return Session(cfg, data, model, forward, runtime, optimizer, scaler, build_loss(cfg, data, device), skipped,
+                   ctx)
+
+
+def _warn_world_size_change(checkpoint: dict, ctx: DistContext, cfg: TrainConfig) -> None:
+    before = checkpoint.get("world_size", 1)
+    if before == ctx.world_size:
+        return
+    log.warning("resuming a run of %d process(es) on %d: the global batch stays %d (now %s per process); "
+                "%s; the rest of the run will differ from an uninterrupted one in rounding", before,
+                ctx.world_size, cfg.batch_size, per_process_batch_note(cfg.batch_size, ctx),
+                "BatchNorm statistics stay those of the global batch (--sync-bn)" if cfg.sync_bn or ctx.world_size == 1
+                else "BatchNorm statistics are now per process (add --sync-bn to keep the global batch's)")
 
 
 def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = False,
@@ -260,16 +293,36 @@ def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = Fals
     """Train ``cfg`` (continuing ``checkpoint`` when given); returns one record per epoch run.
 
     ``stop_after`` ends the run after that many epochs of this call (an interruption, for tests).
+    Launched by torchrun, every process trains its shard and rank 0 alone writes files.
     """
-    s = build_session(cfg, checkpoint)
+    ctx = launched_by_torchrun()
+    session = build_session(cfg, checkpoint, ctx)
+    try:
+        records = _fit(session, checkpoint, overwrite, stop_after, on_epoch)
+    except BaseException:
+        if ctx.active:
+            shutdown()
+        raise
+    if ctx.active:
+        del session  # DistributedDataParallel's reducer goes before the group it talks through
+        barrier()  # no process leaves while another still reduces
+        shutdown()
+    return records
+
+
+def _fit(s: Session, checkpoint: dict | None, overwrite: bool, stop_after: int | None,
+         on_epoch: Callable[[dict], None] | None) -> list[dict[str, Any]]:
+    cfg, main = s.cfg, s.ctx.is_main
     start_epoch, best = (checkpoint["epoch"], checkpoint["best_top1"]) if checkpoint else (0, 0.0)
-    run_dir = _prepare_run_dir(cfg, checkpoint is not None, overwrite)
-    for stale in remove_stale_temporaries(run_dir):
-        log.warning("removed %s, a checkpoint write that a crash cut short", stale)
-    save_yaml(cfg, run_dir / "config.yaml", {"num_classes": len(s.data.classes), "byot_version": __version__})
-    _reset_metrics(run_dir / METRICS, start_epoch)
+    run_dir = _prepare_run_dir(cfg, checkpoint is not None, overwrite, probe=main)
+    if main:
+        for stale in remove_stale_temporaries(run_dir):
+            log.warning("removed %s, a checkpoint write that a crash cut short", stale)
+        save_yaml(cfg, run_dir / "config.yaml", {"num_classes": len(s.data.classes), "byot_version": __version__,
+                                                 "world_size": s.ctx.world_size})
+        _reset_metrics(run_dir / METRICS, start_epoch)
     _log_start(s, start_epoch, best)
-    writer, records = _open_tensorboard(run_dir), []
+    writer, records = _open_tensorboard(run_dir) if main else None, []
     try:
         for epoch in range(start_epoch, cfg.epochs):
             if stop_after is not None and len(records) >= stop_after:
@@ -278,8 +331,9 @@ def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = Fals
             improved = record["exits"][-1]["top1"] >= best
             best = max(best, record["exits"][-1]["top1"])
             record["best_top1"] = best
-            _save_epoch(run_dir, record, _checkpoint_state(s, epoch + 1, best), improved)
-            _write_tensorboard(writer, record)
+            if main:
+                _save_epoch(run_dir, record, _checkpoint_state(s, epoch + 1, best), improved)
+                _write_tensorboard(writer, record)
             log.info(epoch_summary(record, cfg.epochs))
             records.append(record)
             if on_epoch is not None:
@@ -316,6 +370,7 @@ def _save_epoch(run_dir: Path, record: dict[str, Any], state: dict[str, Any], im
 
 def _final_test(s: Session, run_dir: Path) -> dict[str, Any]:
     """With a validation split, the test split is seen once: by model_best, after training."""
+    barrier()  # every process reads model_best once rank 0 has written it
     path = run_dir / BEST
     if not path.exists():  # resumed into a folder without it: the best epoch was before the resume
         log.warning("%s is missing (the run was resumed elsewhere); testing %s instead", path, LATEST)
@@ -324,7 +379,8 @@ def _final_test(s: Session, run_dir: Path) -> dict[str, Any]:
     load_model_state(s.model, best["model"], str(path))
     result = {"checkpoint": str(path), "epoch": best["epoch"],
               **evaluate(s.forward, s.data.test, s.runtime, s.model.exit_stages)}
-    (run_dir / TEST_RESULT).write_text(json.dumps(result, indent=1) + "\n")
+    if s.ctx.is_main:
+        (run_dir / TEST_RESULT).write_text(json.dumps(result, indent=1) + "\n")
     exits = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in result["exits"])
     log.info("test split, evaluated once with model_best (epoch %d, selected on validation): top-1 %s "
              "ensemble %.2f", best["epoch"], exits, result["ensemble"]["top1"])
@@ -359,7 +415,7 @@ def _checkpoint_state(s: Session, epoch: int, best: float) -> dict[str, Any]:
             # the schedule is a pure function of (epoch, config): this records where it stands
             "scheduler": {"kind": cfg.schedule, "next_lr": lr_at(min(epoch, cfg.epochs - 1), cfg.lr, cfg.epochs,
                                                                  cfg.schedule)},
-            "rng": rng_state(), "nonfinite_steps": s.nonfinite_steps}
+            "rng": rng_state(), "nonfinite_steps": s.nonfinite_steps, "world_size": s.ctx.world_size}
 
 
 def _log_start(s: Session, start_epoch: int, best: float) -> None:

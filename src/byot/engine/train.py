@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from byot.data import Batches
+from byot.engine.distributed import all_reduce_sum
 from byot.engine.faults import fault_point, reached
 from byot.engine.runtime import Runtime
 from byot.errors import ByotError
@@ -41,29 +42,41 @@ def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str) -> float:
 def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, torch.Tensor]],
                optimizer: torch.optim.Optimizer, loss_fn: SelfDistillLoss, runtime: Runtime,
                scaler: torch.amp.GradScaler, exit_ids: Sequence[int],
-               keep_bn_on_nonfinite: bool = False) -> list[tuple[dict, list[torch.Tensor]]]:
+               keep_bn_on_nonfinite: bool = False, global_total: int | None = None,
+               world_size: int = 1) -> list[tuple[dict, list[torch.Tensor]]]:
     """One optimizer step over ``group``: one uint8 batch (B, 3, H, W) with its labels, or several
     whose gradients accumulate (--accum-steps). Returns each batch's loss terms and detached logits.
+
+    Under torchrun ``group`` is this process's part of the global batch(es) of ``global_total`` samples;
+    DistributedDataParallel averages the processes' gradients, so each batch's label and KD means are
+    weighted by world_size x its share of the global batch, and the hint (a sum) by world_size: the
+    gradient is then the one-process gradient of the whole global batch.
 
     The scaler skips the update when a gradient is not finite, without a host synchronisation (the
     fused and foreach SGD kernels read its flag on the device). ``keep_bn_on_nonfinite`` also undoes
     such a step's BatchNorm statistics (for --skip-nonfinite, where training goes on after it).
     """
-    total = sum(len(targets) for _, targets in group)
+    total = global_total or sum(len(targets) for _, targets in group)
     optimizer.zero_grad(set_to_none=True)
     snapshot = _bn_buffers(model) if keep_bn_on_nonfinite else []
     saved = [b.clone() for b in snapshot]
     results, objectives = [], []
-    for images, targets in group:
-        with runtime.autocast():
-            output = model(runtime.inputs(images))
-        terms = loss_fn(output, targets, exit_ids)  # fp32, outside autocast
-        if reached("nonfinite_loss"):  # fault injection (tests): this step's KD term of exit 2 becomes NaN
-            terms["kd/exit2"] = terms["kd/exit2"] * float("nan")
-            terms["loss"] = loss_fn.objective({k: v for k, v in terms.items() if k != "loss"})
-        objective = terms["loss"] if len(group) == 1 else loss_fn.objective(terms, len(targets) / total)
-        with _bn_statistics_kept(model):
-            scaler.scale(objective).backward()
+    for i, (images, targets) in enumerate(group):
+        # accumulating under DDP: all-reduce the gradients once, after the group's last batch
+        sync = model.no_sync() if hasattr(model, "no_sync") and i < len(group) - 1 else contextlib.nullcontext()
+        with sync:
+            with runtime.autocast():
+                output = model(runtime.inputs(images))
+            terms = loss_fn(output, targets, exit_ids)  # fp32, outside autocast
+            if reached("nonfinite_loss"):  # fault injection (tests): this step's KD term of exit 2 becomes NaN
+                terms["kd/exit2"] = terms["kd/exit2"] * float("nan")
+                terms["loss"] = loss_fn.objective({k: v for k, v in terms.items() if k != "loss"})
+            if len(group) == 1 and world_size == 1:
+                objective = terms["loss"]
+            else:
+                objective = loss_fn.objective(terms, world_size * len(targets) / total, hint_scale=world_size)
+            with _bn_statistics_kept(model):
+                scaler.scale(objective).backward()
         results.append((terms, [z.detach() for z in output.logits]))
         objectives.append(objective.detach())
     scaler.step(optimizer)
@@ -76,8 +89,14 @@ def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, torch.Tenso
     return results
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
-    base = getattr(model, "_orig_mod", model)
+    base = _unwrapped(model)
     return [b for m in base.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
@@ -85,7 +104,7 @@ def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
 def _bn_statistics_kept(model: nn.Module) -> Iterator[None]:
     """With gradient checkpointing, backward re-runs each stage's forward, which would update the
     BatchNorm running statistics a second time; keep the values the real forward left."""
-    base = getattr(model, "_orig_mod", model)
+    base = _unwrapped(model)
     if not getattr(base, "grad_checkpoint", False):
         yield
         return
@@ -145,7 +164,9 @@ class NonFiniteGuard:
         """Raise NonFiniteLoss when the run's bad steps exceed ``allowed``; returns the run's count so far."""
         if self.bad_steps is None:
             return self.skipped
-        bad = int(self.bad_steps)
+        bad = int(all_reduce_sum(self.bad_steps.clone()))  # every process decides alike
+        if bad and int(self.first_step) < 0:  # only another process saw it
+            self.first_step = torch.zeros_like(self.first_step)
         if bad == 0:
             return self.skipped
         total = self.skipped + bad
@@ -165,6 +186,36 @@ class NonFiniteGuard:
         return total
 
 
+class _EpochSums:
+    """Running sums of one epoch on the device: loss terms x images and images of finite steps, hits per
+    exit, images seen. ``totals`` is their sum over all processes (a copy; one all-reduce under torchrun)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None  # (T,)
+        self.counted: torch.Tensor | None = None  # (): images of finite steps
+        self.correct: torch.Tensor | None = None  # (E,)
+        self.seen: torch.Tensor | None = None  # (): all images
+
+    def add(self, names: list[str], sums: torch.Tensor, counted: torch.Tensor, correct: torch.Tensor,
+            seen: int) -> None:
+        self.names = names
+        seen_t = torch.tensor(float(seen), device=sums.device)
+        if self.sums is None:
+            self.sums, self.counted, self.correct, self.seen = sums, counted, correct.float(), seen_t
+        else:
+            self.sums, self.counted = self.sums + sums, self.counted + counted
+            self.correct, self.seen = self.correct + correct, self.seen + seen_t
+
+    def totals(self) -> tuple[list[float], list[float], float]:
+        """(mean loss terms over finite steps, per-exit top-1 percent, images) over all processes."""
+        flat = all_reduce_sum(torch.cat([self.sums, self.counted[None], self.correct, self.seen[None]]))
+        t = len(self.sums)
+        sums, counted, correct, seen = flat[:t], flat[t], flat[t + 1:-1], flat[-1]
+        return ((sums / counted.clamp(min=1)).tolist(), (correct * 100.0 / seen.clamp(min=1)).tolist(),
+                float(seen))
+
+
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                     loss_fn: SelfDistillLoss, runtime: Runtime, scaler: torch.amp.GradScaler,
                     exit_ids: Sequence[int], epoch: int, print_freq: int = 10,
@@ -173,54 +224,71 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     """Train for one pass over ``batches``; returns mean loss terms, per-exit train top-1, timing.
 
     Running sums stay on the device (detached: no autograd graph outlives its step) and are read
-    by the host only every ``print_freq`` steps and at the end. Steps with a non-finite loss term
-    are left out of the sums and counted by ``guard``, which stops the run past its allowance.
+    by the host only every ``print_freq`` steps and at the end (summed over processes there under
+    torchrun). Steps with a non-finite loss term are left out of the sums and counted by ``guard``,
+    which stops the run past its allowance.
     """
     model.train()
     guard = guard or NonFiniteGuard(0, 0.0)
-    sums: torch.Tensor | None = None  # (num_terms,) loss terms x batch size, finite steps only
-    correct: torch.Tensor | None = None  # (num_exits,)
-    counted: torch.Tensor | None = None  # () images of finite steps
-    names: list[str] = []
-    seen, start = 0, time.perf_counter()
-    steps = math.ceil(len(batches) / accum_steps)  # optimizer steps
+    world = getattr(getattr(batches, "shard", None), "world", 1)
+    sizes = batches.global_batch_sizes()
+    totals = [sum(sizes[i:i + accum_steps]) for i in range(0, len(sizes), accum_steps)]  # per optimizer step
+    acc = _EpochSums()
+    start = time.perf_counter()
+    steps = len(totals)
     bar = _progress_bar(steps, epoch) if progress else None
     keep_bn = guard.allowed > 0
     for step, group in enumerate(_groups(batches, accum_steps), start=1):
         fault_point("train_step")
-        results = train_step(model, group, optimizer, loss_fn, runtime, scaler, exit_ids, keep_bn)
+        results = train_step(model, group, optimizer, loss_fn, runtime, scaler, exit_ids, keep_bn,
+                             totals[step - 1], world)
         with torch.no_grad():
-            names = list(results[0][0])
-            values = torch.stack([torch.stack([t.detach().float() for t in terms.values()]) * len(targets)
-                                  for (_, targets), (terms, _) in zip(group, results)])  # (G, T)
-            bad = guard.observe(torch.isfinite(values).all(dim=0), names, step)
+            names = [n for n in results[0][0] if n != "loss"]  # the total is rebuilt from the terms' means
+            first = (step - 1) * accum_steps
+            values = torch.stack([_weighted(terms, names, len(targets), sizes[first + i])
+                                  for i, ((_, targets), (terms, _)) in enumerate(zip(group, results))])  # (G, T)
+            finite = torch.stack([torch.isfinite(terms["loss"]) for terms, _ in results]).all()
+            bad = guard.observe(torch.cat([finite[None], torch.isfinite(values).all(dim=0)]), ["loss", *names],
+                                step)
             images = sum(len(targets) for _, targets in group)
             step_sums = torch.where(bad, torch.zeros_like(values[0]), values.sum(dim=0))
-            step_images = torch.where(bad, torch.zeros((), device=values.device), torch.tensor(
-                float(images), device=values.device))
+            step_images = torch.where(bad, torch.zeros((), device=values.device),
+                                      torch.tensor(float(images), device=values.device))
             hits = sum(torch.stack([(z.argmax(dim=1) == targets).sum() for z in logits])
                        for (_, targets), (_, logits) in zip(group, results))
-            sums = step_sums if sums is None else sums + step_sums
-            counted = step_images if counted is None else counted + step_images
-            correct = hits if correct is None else correct + hits
-        seen += images
+            acc.add(names, step_sums, step_images, hits, images)
         if bar is not None:
             bar.update(1)
         if step % print_freq == 0 or step == steps:
             guard.check(epoch)
-            loss_now, top1_now = (sums[0] / counted.clamp(min=1)).item(), (correct[-1] * 100.0 / seen).item()
+            means, top1, _ = acc.totals()
+            loss_now = _total(loss_fn, acc.names, means)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_now:.3f}", top1=f"{top1_now:.1f}")
-            log.debug("epoch %d step %d/%d loss %.4f top1(deepest) %.2f", epoch + 1, step, steps,
-                      loss_now, top1_now)
+                bar.set_postfix(loss=f"{loss_now:.3f}", top1=f"{top1[-1]:.1f}")
+            log.debug("epoch %d step %d/%d loss %.4f top1(deepest) %.2f", epoch + 1, step, steps, loss_now, top1[-1])
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
-    if sums is None:
+    if acc.sums is None:
         return {"losses": {}, "train_top1": [], "images": 0, "seconds": seconds, "nonfinite_steps": guard.skipped}
-    means = (sums / counted.clamp(min=1)).tolist()
-    return {"losses": dict(zip(names, means)), "train_top1": (correct * 100.0 / seen).tolist(),
-            "images": seen, "seconds": seconds, "nonfinite_steps": guard.check(epoch)}
+    means, top1, seen = acc.totals()
+    losses = {"loss": _total(loss_fn, acc.names, means), **dict(zip(acc.names, means))}
+    return {"losses": losses, "train_top1": top1, "images": int(seen), "seconds": seconds,
+            "nonfinite_steps": guard.check(epoch)}
+
+
+def _weighted(terms: dict[str, torch.Tensor], names: list[str], images: int, global_images: int) -> torch.Tensor:
+    """(T,) loss terms weighted for an image-weighted epoch mean: label and KD terms are means over this
+    process's ``images``; the hint is a sum over the global batch, which every process's part adds up to,
+    so its parts are weighted by the global batch's size (the same thing in one process)."""
+    weights = [float(global_images if n.startswith("hint/") else images) for n in names]
+    values = torch.stack([terms[n].detach().float() for n in names])
+    return values * torch.tensor(weights, device=values.device)
+
+
+def _total(loss_fn: SelfDistillLoss, names: list[str], means: list[float]) -> float:
+    """The mean total loss from the terms' means (the objective is linear in them)."""
+    return float(loss_fn.objective({n: torch.tensor(m) for n, m in zip(names, means)}))
 
 
 def _progress_bar(total: int, epoch: int) -> Any:
