@@ -76,3 +76,21 @@ def test_mean_and_sample_spread():
     row = {"name": "x", "exits": {"4": _mean_std([1.0, 3.0])}, "ensemble": _mean_std([1.0, 3.0]), "seeds": [0, 1],
            "train_minutes": _mean_std([2.0, 2.0])}
     assert "| x | – | – | – | 2.00 ± 1.41 | – | 2 | 2.0 |" in format_results({"name": "n", "rows": [row]})
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid_training_configs(path):
+    from byot.config import build_config, load_yaml
+
+    cfg = build_config({}, load_yaml(path))
+    assert cfg.epochs == 200 and cfg.batch_size == 128 and cfg.lr == 0.1 and cfg.dataset == "cifar100"
+    assert (cfg.alpha, cfg.beta, cfg.temperature) == (0.1, 1e-6, 3.0)  # the paper's loss weights
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_load(path):
+    sweep = load_sweep(path)
+    assert sweep.rows and sweep.seeds
