@@ -28,6 +28,8 @@ def test_batch_bounds_cover_everything_once(n, bs):
         assert covered == list(range(n))
         if train and bs > 1 and n > 1:
             assert all(e - s >= 2 for s, e in bounds), bounds  # no single-sample training batch
+        if train and len(bounds) > 1:
+            assert all(e - s >= bs // 2 for s, e in bounds), bounds  # no batch under half a batch
         if not train:
             assert all(e - s <= bs for s, e in bounds)
 

@@ -257,3 +257,16 @@ def test_predict_on_real_jpegs_uses_the_fitted_policy(ckpt, cifar10_jpg, capsys)
     assert main(["predict", "--resume", str(ckpt), *map(str, paths)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["image", "class", "prob", "exit"] and len(out) == len(paths) + 1
+
+
+def test_fitted_thresholds_keep_the_temperatures_they_were_fitted_with(ckpt, capsys):
+    assert main(["early-exit", "multi_resnet18_kd", "--resume", str(ckpt), "--max-drop", "1", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", "multi_resnet18_kd", "--resume", str(ckpt), "--json"]) == 0  # calibrated afterwards
+    capsys.readouterr()
+    state = load_checkpoint(ckpt)
+    policy = deploy_run.resolve_policy(state, 4, None, None)
+    assert policy.thresholds == tuple(state["early_exit"]["thresholds"])
+    assert policy.temperatures == ()  # the fit saw uncalibrated confidences; the new calibration is not mixed in
+    given = deploy_run.resolve_policy(state, 4, [0.5], None)
+    assert given.temperatures == tuple(state["calibration"]["temperatures"])  # your own thresholds: calibrated

@@ -95,7 +95,28 @@ def test_shards_cover_every_batch_exactly_once(world):
         parts = [Shard(r, world).part(n) for r in range(world)]
         assert [i for lo, hi in parts for i in range(lo, hi)] == list(range(n))
         assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
-    # a last training batch too small for 2 images per process joins the one before it
-    bounds = batch_bounds(130, 64, train=True, world=world)
-    assert bounds[-1][1] == 130 and all(e - s >= 2 * world for s, e in bounds)
-    assert batch_bounds(130, 64, train=False, world=1) == [(0, 64), (64, 128), (128, 130)]
+    # the batches do not depend on the number of processes: a last training batch under half a batch joins
+    # the one before it (so each of up to 16 processes keeps 2 images of a batch of 64); evaluation keeps it
+    assert batch_bounds(130, 64, train=True) == [(0, 64), (64, 130)]
+    assert batch_bounds(130, 64, train=False) == [(0, 64), (64, 128), (128, 130)]
+
+
+def test_a_global_batch_too_small_for_the_processes_is_refused(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "byot", "train", ARCH, *RUN, "--batch-size", "6", "--save-folder", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode != 0 and "must be at least 8 (4 images per process)" in proc.stderr
+
+
+def test_a_nonfinite_step_is_skipped_once_for_all_processes(tmp_path):
+    # the fault makes every process's loss NaN at step 5: one skipped step, not one per process
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BYOT_FAULT": "nonfinite_loss:5"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "byot", "train", ARCH, *RUN, "--epochs", "1", "--skip-nonfinite", "1",
+                           "--save-folder", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped the update of 1 non-finite step(s) in epoch 1 (first: step 5, kd/exit2); 1 of" in proc.stderr
+    record = json.loads((tmp_path / ARCH / "metrics.jsonl").read_text())
+    assert record["nonfinite_steps"] == 1

@@ -45,9 +45,12 @@ def frozen_bn_model(seed: int = 0) -> nn.Module:
     return model
 
 
-def test_accumulated_gradients_equal_the_whole_batch():
+@pytest.mark.parametrize("class_weights", [None, torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25])])
+def test_accumulated_gradients_equal_the_whole_batch(class_weights):
     images, labels = batch(10)
-    loss_fn = byot.SelfDistillLoss(alpha=0.3, beta=1e-3)
+    # with class weights the label terms are weighted means: each part's share is its part of the whole
+    # batch's summed weights, not of its images (the same rule serves torchrun's per-process parts)
+    loss_fn = byot.SelfDistillLoss(alpha=0.3, beta=1e-3, class_weights=class_weights)
     whole = grads_after(frozen_bn_model(), [(images, labels)], loss_fn)
     parts = [(images[:4], labels[:4]), (images[4:7], labels[4:7]), (images[7:], labels[7:])]  # unequal sizes
     accumulated = grads_after(frozen_bn_model(), parts, loss_fn)
@@ -102,3 +105,20 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     assert forward is model
     assert "torch.compile failed (no C compiler found)" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_skip_only_scaler_keeps_its_scale_after_skipped_steps():
+    model = frozen_bn_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    rt = runtime()
+    scaler = rt.grad_scaler()
+    images, labels = batch(4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):  # three NaN steps: GradScaler alone would halve its scale each time (0.125 after three)
+        poisoned = byot.SelfDistillLoss(temperature=float("nan"))
+        outcome = train_step(model, [(images, labels)], optimizer, poisoned, rt, scaler, model.exit_stages)
+        assert bool(outcome.bad)
+    assert scaler.get_scale() == 1.0
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # no update was applied
+    outcome = train_step(model, [(images, labels)], optimizer, byot.SelfDistillLoss(), rt, scaler, model.exit_stages)
+    assert not bool(outcome.bad) and any(not torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -78,15 +78,18 @@ class SelfDistillLoss:
             terms[f"hint/exit{k}"] = feature_hint(f, teacher_feature)
         return {"loss": self.objective(terms), **terms}
 
-    def objective(self, terms: dict[str, torch.Tensor], batch_share: float = 1.0,
-                  hint_scale: float = 1.0) -> torch.Tensor:
+    def objective(self, terms: dict[str, torch.Tensor], batch_share: float | torch.Tensor = 1.0,
+                  hint_scale: float = 1.0, ce_share: float | torch.Tensor | None = None) -> torch.Tensor:
         """The weighted total of named ``terms``; ``batch_share`` is this batch's share of an
         accumulated optimizer batch. The label and KD terms are batch means, so they are scaled by
         it; the hint is a sum over the batch already, so it is not: accumulated gradients then
         equal those of the whole batch at once. ``hint_scale`` multiplies the hint (by the number of
-        processes under DistributedDataParallel, whose gradient averaging would otherwise divide it)."""
+        processes under DistributedDataParallel, whose gradient averaging would otherwise divide it).
+        ``ce_share`` replaces ``batch_share`` for the label terms when they are class-weighted means,
+        whose share is this batch's part of the whole batch's summed class weights."""
         ce = sum(v for name, v in terms.items() if name.startswith("ce/"))
         kd = sum((v for name, v in terms.items() if name.startswith("kd/")), torch.zeros(()))
         hint = sum((v for name, v in terms.items() if name.startswith("hint/")), torch.zeros(()))
-        means = (1.0 - self.alpha) * ce + self.alpha * self.temperature**2 * kd
-        return batch_share * means + self.beta * hint_scale * hint
+        ce_share = batch_share if ce_share is None else ce_share
+        return (ce_share * (1.0 - self.alpha) * ce + batch_share * self.alpha * self.temperature**2 * kd
+                + self.beta * hint_scale * hint)

@@ -33,11 +33,13 @@ from typing import Any
 import yaml
 
 from byot.config import FIELD_NAMES, build_config, load_yaml
+from byot.engine.run import read_test_result
 from byot.errors import ByotError
 
 log = logging.getLogger("byot")
 
 RESULT_FILES = ("results.json", "results.md")
+CHILD_STOP_SECONDS = 60  # after Ctrl-C, how long a run may take to stop by itself before it is terminated
 
 
 @dataclass(frozen=True)
@@ -122,14 +124,13 @@ def finished(run_dir: Path, epochs: int, val_split: float) -> dict[str, Any] | N
     With a validation split that is test_result.json (the one test evaluation of model_best); without,
     the last epoch's test-split record of metrics.jsonl.
     """
-    if val_split > 0:
-        path = run_dir / "test_result.json"
-        return json.loads(path.read_text()) if path.exists() else None
     records = _metrics(run_dir)
-    if records and records[-1]["epoch"] == epochs:
-        return {"epoch": epochs, "exits": records[-1]["exits"], "ensemble": records[-1]["ensemble"],
-                "selected_on": "last epoch"}
-    return None
+    if not records or records[-1].get("epoch") != epochs:  # unfinished, or the sweep file now asks for more
+        return None
+    if val_split > 0:
+        return read_test_result(run_dir)
+    return {"epoch": epochs, "exits": records[-1]["exits"], "ensemble": records[-1]["ensemble"],
+            "selected_on": "last epoch"}
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -187,8 +188,12 @@ def _train(row: str, seed: int, run_dir: Path, command: list[str], root: Path, e
         try:
             code = proc.wait()
         except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
+            # the terminal's Ctrl-C reached the child too: let it finish its checkpoint write and stop
+            try:
+                proc.wait(timeout=CHILD_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
             raise
     seconds = time.perf_counter() - start
     result = finished(run_dir, epochs, val_split)

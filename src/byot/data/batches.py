@@ -35,13 +35,13 @@ class Shard:
 ONE_PROCESS = Shard()  # the whole of every batch: no torchrun
 
 
-def batch_bounds(num_samples: int, batch_size: int, train: bool, world: int = 1) -> list[tuple[int, int]]:
-    """[start, end) of each (global) batch. A last batch too small to split joins the one before it: in
-    training one sample per process (BatchNorm cannot normalise a single value, and one sample is a poor
-    estimate of batch statistics); in evaluation under torchrun, fewer samples than processes."""
+def batch_bounds(num_samples: int, batch_size: int, train: bool) -> list[tuple[int, int]]:
+    """[start, end) of each (global) batch. In training a last batch smaller than half a batch (at least a
+    single sample) joins the one before it: BatchNorm cannot normalise a single value, a tiny batch is a
+    poor estimate of batch statistics, and under torchrun every process then gets at least a quarter of
+    its usual part. The rule does not depend on the number of processes, so 1 or N take the same steps."""
     bounds = [(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
-    smallest = 2 * world if train else (max(1, world))
-    if len(bounds) >= 2 and bounds[-1][1] - bounds[-1][0] < smallest:
+    if train and len(bounds) >= 2 and bounds[-1][1] - bounds[-1][0] < max(2, batch_size // 2):
         bounds[-2:] = [(bounds[-2][0], bounds[-1][1])]
     return bounds
 
@@ -75,18 +75,20 @@ class TensorBatches:
 
     def global_batch_sizes(self) -> list[int]:
         """Samples of each batch over all processes (this process holds its shard's part of each)."""
-        return [e - s for s, e in batch_bounds(self.num_samples, self.batch_size, self.train, self.shard.world)]
+        return [e - s for s, e in batch_bounds(self.num_samples, self.batch_size, self.train)]
 
     def __len__(self) -> int:
-        return len(batch_bounds(self.num_samples, self.batch_size, self.train, self.shard.world))
+        return len(batch_bounds(self.num_samples, self.batch_size, self.train))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = epoch_generator(self.seed, self.epoch)
         order = epoch_order(self.num_samples, self.train, g).to(self.images.device)
-        for start, end in batch_bounds(self.num_samples, self.batch_size, self.train, self.shard.world):
+        for start, end in batch_bounds(self.num_samples, self.batch_size, self.train):
             if self.train:
                 offsets, flip = draw_crop_flip(end - start, self.crop_padding, g)  # for the whole global batch
             lo, hi = self.shard.part(end - start)
+            if lo == hi:  # an evaluation batch smaller than the number of processes: nothing here
+                continue
             idx = order[start + lo:start + hi]
             images = self.images[idx]  # (B, 3, H, W) uint8
             if self.train:

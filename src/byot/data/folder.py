@@ -193,9 +193,10 @@ class _EpochBatchSampler:
         g = epoch_generator(o.seed, o.epoch)
         order = epoch_order(o.num_samples, o.train, g).tolist()
         seeds = torch.randint(0, 2**62, (o.num_samples,), generator=g).tolist() if o.train else None
-        for start, end in batch_bounds(o.num_samples, o.batch_size, o.train, o.shard.world):
+        for start, end in batch_bounds(o.num_samples, o.batch_size, o.train):
             lo, hi = o.shard.part(end - start)
-            yield [(i, seeds[i] if seeds else None) for i in order[start + lo:start + hi]]
+            if lo < hi:  # an evaluation batch smaller than the number of processes may leave this one none
+                yield [(i, seeds[i] if seeds else None) for i in order[start + lo:start + hi]]
 
 
 class FolderBatches:
@@ -216,7 +217,7 @@ class FolderBatches:
 
     def global_batch_sizes(self) -> list[int]:
         """Samples of each batch over all processes (this process decodes its shard's part of each)."""
-        return [e - s for s, e in batch_bounds(self.num_samples, self.batch_size, self.train, self.shard.world)]
+        return [e - s for s, e in batch_bounds(self.num_samples, self.batch_size, self.train)]
 
     def __len__(self) -> int:
         return len(self.global_batch_sizes())

@@ -92,6 +92,7 @@ def resolve_policy(checkpoint: dict, n_exits: int, thresholds: Sequence[float] |
     """--threshold (one value for every shallow exit, or one each), else the fitted policy stored in the
     checkpoint, else none (every sample answered by the final exit); calibration from the checkpoint."""
     stored = checkpoint.get("early_exit") or {}
+    temperatures = _temperatures(checkpoint, use_calibration, n_exits)
     if thresholds:
         if len(thresholds) == 1:
             thresholds = list(thresholds) * (n_exits - 1)
@@ -100,11 +101,16 @@ def resolve_policy(checkpoint: dict, n_exits: int, thresholds: Sequence[float] |
                             f"{len(thresholds)}")
         chosen = tuple(float(t) for t in thresholds)
     elif stored.get("thresholds"):
-        chosen = tuple(stored["thresholds"])
+        # fitted thresholds only mean something at the temperatures they were fitted with
+        chosen, fitted_with = tuple(stored["thresholds"]), tuple(stored.get("temperatures", ()))
+        if fitted_with != temperatures:
+            log.info("using the temperatures the stored thresholds were fitted with (%s), not the current "
+                     "calibration", ", ".join(f"{t:.3f}" for t in fitted_with) or "none")
+        temperatures = fitted_with
+        final = final or stored.get("final")
     else:
         chosen = tuple([NEVER] * (n_exits - 1))
-    return ExitPolicy(chosen, _temperatures(checkpoint, use_calibration, n_exits),
-                      final or stored.get("final", "deepest"))
+    return ExitPolicy(chosen, temperatures, final or "deepest")
 
 
 def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: str,

@@ -42,6 +42,19 @@ def save_checkpoint(state: dict[str, Any], path: Path, previous: Path | None = N
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path``'s contents with ``text`` so that a crash leaves the old contents or the new."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _keep_as(path: Path, previous: Path) -> None:
     """``previous`` becomes a copy of ``path`` (a hard link where the file system has them) atomically."""
     staged = previous.with_name(f".{previous.name}.tmp-{os.getpid()}")

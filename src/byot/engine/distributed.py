@@ -56,10 +56,16 @@ def launched_by_torchrun() -> DistContext:
     return DistContext(rank, world, local) if world > 1 else SINGLE
 
 
-def init_distributed(ctx: DistContext, device: torch.device) -> torch.device:
-    """Join the process group (NCCL on GPUs, gloo on CPUs); returns this process's device."""
+def init_distributed(ctx: DistContext, device: torch.device, batch_size: int = 0) -> torch.device:
+    """Join the process group (NCCL on GPUs, gloo on CPUs); returns this process's device.
+
+    ``batch_size`` (global) must give every process at least 2 images of the smallest batch (half a batch,
+    see ``batch_bounds``): at least 4 per process."""
     if not ctx.active:
         return device
+    if batch_size and batch_size < 4 * ctx.world_size:
+        raise ByotError(f"--batch-size {batch_size} is the global batch: with {ctx.world_size} processes it must "
+                        f"be at least {4 * ctx.world_size} (4 images per process)")
     if device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
@@ -78,15 +84,27 @@ def init_distributed(ctx: DistContext, device: torch.device) -> torch.device:
     return device
 
 
+def distributed() -> bool:
+    """True inside a process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of ``tensor`` over all processes (in place; returned); itself in one process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The maximum of ``tensor`` over all processes (in place; returned); itself in one process."""
+    if distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         dist.barrier()
 
 
@@ -113,7 +131,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and distributed()):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 

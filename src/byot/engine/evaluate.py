@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from byot.data import Batches
-from byot.engine.distributed import all_reduce_sum
+from byot.engine.distributed import all_reduce_sum, distributed
 from byot.engine.faults import fault_point
 from byot.engine.runtime import Runtime
 
@@ -50,8 +50,10 @@ def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Seq
             cells = torch.stack([targets * k + z.argmax(dim=1) for z in logits])  # (E, B) flat cell index
             counts = torch.stack([torch.bincount(c, minlength=k * k) for c in cells])
             matrices = counts if matrices is None else matrices + counts
-    if correct is None:
+    if correct is None and not distributed():
         return {"num_images": 0, "exits": [], "ensemble": {"top1": 0.0, "top5": 0.0}}
+    if correct is None:  # under torchrun a process may hold no image of a small split: it adds zeros
+        correct = torch.zeros(len(exit_ids) + 1, 2, dtype=torch.long, device=runtime.device)
     # under torchrun each process scored its part of every batch: the counts add up to the whole split
     counts = all_reduce_sum(torch.cat([correct.flatten(), torch.tensor([seen], device=correct.device)]))
     correct, seen = counts[:-1].view_as(correct), int(counts[-1])

@@ -24,6 +24,7 @@ from byot.engine.checkpoint import (
     restore_rng_state,
     rng_state,
     save_checkpoint,
+    write_text_atomic,
 )
 from byot.engine.cost import exit_costs
 from byot.engine.distributed import (
@@ -178,12 +179,24 @@ def _prepare_run_dir(cfg: TrainConfig, resuming: bool, overwrite: bool, probe: b
 
 
 def _reset_metrics(path: Path, last_epoch: int) -> None:
-    """Keep the metrics of epochs the checkpoint has seen (a crash may have logged one more)."""
+    """Keep the metrics of epochs the checkpoint has seen (a crash may have logged one more, or cut a
+    line short); the file is rewritten, atomically, only when something must go."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if _epoch_of(line) is not None
-            and _epoch_of(line) <= last_epoch]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _epoch_of(line) is not None and _epoch_of(line) <= last_epoch]
+    if kept != lines:
+        with critical_section():
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def read_test_result(run_dir: Path) -> dict[str, Any] | None:
+    """The run's test_result.json, or None when it is missing or unreadable (a crash while writing it)."""
+    try:
+        result = json.loads((run_dir / TEST_RESULT).read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and "exits" in result else None
 
 
 def _epoch_of(line: str) -> int | None:
@@ -244,7 +257,7 @@ class Session:
 def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = SINGLE) -> Session:
     """Data, model, runtime and optimizer for ``cfg``, restored from ``checkpoint`` when given; under
     torchrun (``ctx``) this process's shard of the data and the model wrapped in DistributedDataParallel."""
-    device = init_distributed(ctx, resolve_device(cfg.device))
+    device = init_distributed(ctx, resolve_device(cfg.device), cfg.batch_size)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg, device, ctx.shard)
     model = build_model(cfg, len(data.classes), data.image_size)
@@ -343,7 +356,7 @@ def _fit(s: Session, checkpoint: dict | None, overwrite: bool, stop_after: int |
             writer.close()
     completed = start_epoch + len(records) == cfg.epochs
     # the one test evaluation: after the last epoch, or on a resume of a run that ended before writing it
-    if s.data.val is not None and completed and (records or not (run_dir / TEST_RESULT).exists()):
+    if s.data.val is not None and completed and (records or read_test_result(run_dir) is None):
         final = _final_test(s, run_dir)
         if records:
             records[-1]["final_test"] = final
@@ -380,7 +393,7 @@ def _final_test(s: Session, run_dir: Path) -> dict[str, Any]:
     result = {"checkpoint": str(path), "epoch": best["epoch"],
               **evaluate(s.forward, s.data.test, s.runtime, s.model.exit_stages)}
     if s.ctx.is_main:
-        (run_dir / TEST_RESULT).write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomic(run_dir / TEST_RESULT, json.dumps(result, indent=1) + "\n")
     exits = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in result["exits"])
     log.info("test split, evaluated once with model_best (epoch %d, selected on validation): top-1 %s "
              "ensemble %.2f", best["epoch"], exits, result["ensemble"]["top1"])

@@ -86,6 +86,11 @@ class Runtime:
             return torch.amp.GradScaler(self.device.type)
         return torch.amp.GradScaler(self.device.type, init_scale=1.0, growth_interval=NEVER_GROW)
 
+    def update_scaler(self, scaler: torch.amp.GradScaler) -> None:
+        """After a step: fp16 adapts its scale; bf16 and fp32 keep it at 1 (GradScaler would halve it at
+        every skipped step, and after enough of them gradients would underflow)."""
+        scaler.update(None if self.amp == "fp16" else 1.0)
+
     def place(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model

@@ -8,13 +8,13 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from byot.data import Batches
-from byot.engine.distributed import all_reduce_sum
+from byot.engine.distributed import all_reduce_max, all_reduce_sum
 from byot.engine.faults import fault_point, reached
 from byot.engine.runtime import Runtime
 from byot.errors import ByotError
@@ -39,24 +39,35 @@ def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str) -> float:
     return base_lr * 0.1 ** sum(epoch >= m for m in milestones)
 
 
+class StepResult(NamedTuple):
+    batches: list[tuple[dict, list[torch.Tensor]]]  # per batch of the group: loss terms, detached logits
+    bad: torch.Tensor  # () bool: some loss was not finite, in any process; the update was skipped
+
+
 def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, torch.Tensor]],
                optimizer: torch.optim.Optimizer, loss_fn: SelfDistillLoss, runtime: Runtime,
                scaler: torch.amp.GradScaler, exit_ids: Sequence[int],
                keep_bn_on_nonfinite: bool = False, global_total: int | None = None,
-               world_size: int = 1) -> list[tuple[dict, list[torch.Tensor]]]:
+               world_size: int = 1) -> StepResult:
     """One optimizer step over ``group``: one uint8 batch (B, 3, H, W) with its labels, or several
-    whose gradients accumulate (--accum-steps). Returns each batch's loss terms and detached logits.
+    whose gradients accumulate (--accum-steps).
 
     Under torchrun ``group`` is this process's part of the global batch(es) of ``global_total`` samples;
-    DistributedDataParallel averages the processes' gradients, so each batch's label and KD means are
-    weighted by world_size x its share of the global batch, and the hint (a sum) by world_size: the
-    gradient is then the one-process gradient of the whole global batch.
+    DistributedDataParallel averages the processes' gradients, so each batch's KD means are weighted by
+    world_size x its share of the global batch's images, its label means by world_size x its share of
+    the global batch's class weights (its images, without --class-weights), and the hint (a sum) by
+    world_size: the gradient is then the one-process gradient of the whole global batch.
 
-    The scaler skips the update when a gradient is not finite, without a host synchronisation (the
-    fused and foreach SGD kernels read its flag on the device). ``keep_bn_on_nonfinite`` also undoes
-    such a step's BatchNorm statistics (for --skip-nonfinite, where training goes on after it).
+    The scaler skips the update when a gradient is not finite (on the device with fused SGD; other
+    optimizers read its flag on the host). ``keep_bn_on_nonfinite`` also undoes such a step's BatchNorm
+    statistics (for --skip-nonfinite, where training goes on after it).
     """
     total = global_total or sum(len(targets) for _, targets in group)
+    weights = loss_fn.class_weights
+    exact = len(group) == 1 and world_size == 1
+    ce_total = None
+    if weights is not None and not exact:  # the global batch's summed class weights, over processes too
+        ce_total = all_reduce_sum(sum(weights[t].sum() for _, t in group).detach().clone())
     optimizer.zero_grad(set_to_none=True)
     snapshot = _bn_buffers(model) if keep_bn_on_nonfinite else []
     saved = [b.clone() for b in snapshot]
@@ -71,22 +82,25 @@ def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, torch.Tenso
             if reached("nonfinite_loss"):  # fault injection (tests): this step's KD term of exit 2 becomes NaN
                 terms["kd/exit2"] = terms["kd/exit2"] * float("nan")
                 terms["loss"] = loss_fn.objective({k: v for k, v in terms.items() if k != "loss"})
-            if len(group) == 1 and world_size == 1:
+            if exact:
                 objective = terms["loss"]
             else:
-                objective = loss_fn.objective(terms, world_size * len(targets) / total, hint_scale=world_size)
+                share = world_size * len(targets) / total
+                ce_share = None if ce_total is None else world_size * weights[targets].sum() / ce_total
+                objective = loss_fn.objective(terms, share, hint_scale=world_size, ce_share=ce_share)
             with _bn_statistics_kept(model):
                 scaler.scale(objective).backward()
         results.append((terms, [z.detach() for z in output.logits]))
         objectives.append(objective.detach())
     scaler.step(optimizer)
-    scaler.update()
+    runtime.update_scaler(scaler)
+    # one verdict for every process: a NaN in one process's loss poisons the averaged gradients of all
+    bad = all_reduce_max((~torch.isfinite(torch.stack(objectives)).all()).float()) > 0
     if snapshot:
-        bad = ~torch.isfinite(torch.stack(objectives)).all()
         with torch.no_grad():
             for b, v in zip(snapshot, saved):
                 b.copy_(torch.where(bad, v, b))
-    return results
+    return StepResult(results, bad)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -146,14 +160,14 @@ class NonFiniteGuard:
         self.first_terms: torch.Tensor | None = None  # (T,) bool: the terms that were not finite then
         self.reported = 0  # bad steps of this epoch already logged
 
-    def observe(self, finite: torch.Tensor, names: list[str], step: int) -> torch.Tensor:
-        """finite: (T,) bool per loss term for this step -> () bool, True if the step was bad."""
+    def observe(self, bad: torch.Tensor, finite: torch.Tensor, names: list[str], step: int) -> torch.Tensor:
+        """bad: () bool, the step's verdict (the same in every process); finite: (T,) bool per loss term in
+        this process, to name the culprit -> ``bad``."""
         if self.bad_steps is None:
             self.names = names
             self.bad_steps = torch.zeros((), dtype=torch.long, device=finite.device)
             self.first_step = torch.full((), -1, dtype=torch.long, device=finite.device)
             self.first_terms = torch.zeros_like(finite)
-        bad = ~finite.all()
         first = bad & (self.first_step < 0)
         self.first_step = torch.where(first, torch.full_like(self.first_step, step), self.first_step)
         self.first_terms = torch.where(first, ~finite, self.first_terms)
@@ -164,14 +178,13 @@ class NonFiniteGuard:
         """Raise NonFiniteLoss when the run's bad steps exceed ``allowed``; returns the run's count so far."""
         if self.bad_steps is None:
             return self.skipped
-        bad = int(all_reduce_sum(self.bad_steps.clone()))  # every process decides alike
-        if bad and int(self.first_step) < 0:  # only another process saw it
-            self.first_step = torch.zeros_like(self.first_step)
+        bad = int(self.bad_steps)  # steps whose verdict was bad: the same count in every process
         if bad == 0:
             return self.skipped
         total = self.skipped + bad
         step = int(self.first_step)
-        terms = [n for n, f in zip(self.names, self.first_terms.tolist()) if f and n != "loss"] or ["loss"]
+        terms = ([n for n, f in zip(self.names, self.first_terms.tolist()) if f and n != "loss"]
+                 or ["loss (in another process)"])
         if total > self.allowed:
             allowed = f"more than --skip-nonfinite {self.allowed} " if self.allowed else ""
             raise NonFiniteLoss(
@@ -240,16 +253,17 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     keep_bn = guard.allowed > 0
     for step, group in enumerate(_groups(batches, accum_steps), start=1):
         fault_point("train_step")
-        results = train_step(model, group, optimizer, loss_fn, runtime, scaler, exit_ids, keep_bn,
+        outcome = train_step(model, group, optimizer, loss_fn, runtime, scaler, exit_ids, keep_bn,
                              totals[step - 1], world)
+        results = outcome.batches
         with torch.no_grad():
             names = [n for n in results[0][0] if n != "loss"]  # the total is rebuilt from the terms' means
             first = (step - 1) * accum_steps
             values = torch.stack([_weighted(terms, names, len(targets), sizes[first + i])
                                   for i, ((_, targets), (terms, _)) in enumerate(zip(group, results))])  # (G, T)
             finite = torch.stack([torch.isfinite(terms["loss"]) for terms, _ in results]).all()
-            bad = guard.observe(torch.cat([finite[None], torch.isfinite(values).all(dim=0)]), ["loss", *names],
-                                step)
+            bad = guard.observe(outcome.bad, torch.cat([finite[None], torch.isfinite(values).all(dim=0)]),
+                                ["loss", *names], step)
             images = sum(len(targets) for _, targets in group)
             step_sums = torch.where(bad, torch.zeros_like(values[0]), values.sum(dim=0))
             step_images = torch.where(bad, torch.zeros((), device=values.device),

@@ -87,12 +87,16 @@ class AttentionExit(nn.Module):
     sigmoid: it selects where the exit looks. It gates only the exit's input; the backbone runs on unmasked.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, steps: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, strides: list[int], num_classes: int) -> None:
+        """One SepConv block per doubling of the channels (len(strides) of them); ``strides``: 2 while the
+        map is larger than the deepest stage's, 1 once it has that size (tiny inputs)."""
         super().__init__()
+        if in_channels * 2 ** len(strides) != out_channels:
+            raise ByotError(f"attention exit: {in_channels} channels cannot reach {out_channels} by doubling "
+                            f"{len(strides)} times")
         self.attention = SepConv(in_channels, in_channels)
-        self.body = nn.Sequential(*[SepConv(in_channels * 2**j, in_channels * 2 ** (j + 1)) for j in range(steps)])
-        if in_channels * 2**steps != out_channels:
-            raise ByotError(f"attention exit: {in_channels} channels doubled {steps} times is not {out_channels}")
+        self.body = nn.Sequential(*[SepConv(in_channels * 2**j, in_channels * 2 ** (j + 1), stride)
+                                    for j, stride in enumerate(strides)])
         self.fc = nn.Linear(out_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +121,11 @@ def _bottleneck(in_channels: int, out_channels: int, size: int, last_size: int, 
 
 
 def _attention(in_channels: int, out_channels: int, size: int, last_size: int, num_classes: int) -> nn.Module:
-    return AttentionExit(in_channels, out_channels, halvings(size, last_size), num_classes)
+    doublings = round(math.log2(out_channels / in_channels))  # one block per stage between (channels x2 each)
+    halves = halvings(size, last_size)
+    if halves > doublings:
+        raise ByotError(f"attention exit: {size} px cannot reach {last_size} px in {doublings} stride-2 blocks")
+    return AttentionExit(in_channels, out_channels, [2] * halves + [1] * (doublings - halves), num_classes)
 
 
 # name -> builder(in_channels, out_channels, stage size px, deepest stage size px, num_classes)
