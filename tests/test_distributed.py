@@ -91,7 +91,7 @@ def test_resume_under_two_processes_and_across_world_sizes(runs, tmp_path):
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_shards_cover_every_batch_exactly_once(world):
-    for n in range(0, 40):
+    for n in range(40):
         parts = [Shard(r, world).part(n) for r in range(world)]
         assert [i for lo, hi in parts for i in range(lo, hi)] == list(range(n))
         assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1

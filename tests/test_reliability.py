@@ -206,7 +206,7 @@ def test_checkpoints_of_another_kind_are_refused_saying_what_differs(tmp_path, c
     newer = tmp_path / "newer.pth.tar"
     torch.save({**state, "format": "byot-checkpoint-v2", "version": "9.0"}, newer)
     assert main(["test", ARCH, "--resume", str(newer)]) == 2
-    assert f"written by byot 9.0 in checkpoint format byot-checkpoint-v2; this byot" in capsys.readouterr().err
+    assert "written by byot 9.0 in checkpoint format byot-checkpoint-v2; this byot" in capsys.readouterr().err
     edited = tmp_path / "edited.pth.tar"
     model = dict(state["model"])
     model.pop("heads.0.fc.weight")
@@ -257,7 +257,7 @@ def test_the_folder_reader_does_not_follow_links_out_of_the_data(tmp_path, cifar
             (root / name / f.name).write_bytes(f.read_bytes())
     (root / "cat" / "link.jpg").symlink_to(secret)  # a file link leaving the data
     (root / "stolen").symlink_to(outside, target_is_directory=True)  # a class folder leaving it
-    (root / "dog" / "inside.jpg").symlink_to(root / "cat" / sorted(os.listdir(root / "cat"))[0])  # stays inside
+    (root / "dog" / "inside.jpg").symlink_to(root / "cat" / min(os.listdir(root / "cat")))  # stays inside
     index = index_folder(root)
     assert index.classes == ["cat", "dog"]
     assert secret not in [p.resolve() for p in index.paths] and len(index.paths) == 5
