@@ -58,8 +58,8 @@ def test_stage_sizes_match_real_feature_maps(stem, size, head):
     # the exits' strided convolutions (bottleneck) or SepConv chains (attention) bring each stage to exactly
     # the last stage's size
     exit_sizes = []
-    for head in model.heads[:3]:
-        head.body.register_forward_hook(lambda m, i, o: exit_sizes.append(o.shape[-1]))
+    for exit_head in model.heads[:3]:
+        exit_head.body.register_forward_hook(lambda m, i, o: exit_sizes.append(o.shape[-1]))
     with torch.no_grad():
         model(torch.randn(1, 3, size, size))
     assert seen == stage_sizes(stem, size)
