@@ -208,21 +208,21 @@ class _EpochSums:
         self.sums: torch.Tensor | None = None  # (T,)
         self.counted: torch.Tensor | None = None  # (): images of finite steps
         self.correct: torch.Tensor | None = None  # (E,)
-        self.seen: torch.Tensor | None = None  # (): all images
+        self.seen = 0  # all images (a host count: no device tensor per step)
 
     def add(self, names: list[str], sums: torch.Tensor, counted: torch.Tensor, correct: torch.Tensor,
             seen: int) -> None:
         self.names = names
-        seen_t = torch.tensor(float(seen), device=sums.device)
         if self.sums is None:
-            self.sums, self.counted, self.correct, self.seen = sums, counted, correct.float(), seen_t
+            self.sums, self.counted, self.correct, self.seen = sums, counted, correct.float(), seen
         else:
             self.sums, self.counted = self.sums + sums, self.counted + counted
-            self.correct, self.seen = self.correct + correct, self.seen + seen_t
+            self.correct, self.seen = self.correct + correct, self.seen + seen
 
     def totals(self) -> tuple[list[float], list[float], float]:
         """(mean loss terms over finite steps, per-exit top-1 percent, images) over all processes."""
-        flat = all_reduce_sum(torch.cat([self.sums, self.counted[None], self.correct, self.seen[None]]))
+        seen = torch.full((1,), float(self.seen), device=self.sums.device)
+        flat = all_reduce_sum(torch.cat([self.sums, self.counted[None], self.correct, seen]))
         t = len(self.sums)
         sums, counted, correct, seen = flat[:t], flat[t], flat[t + 1:-1], flat[-1]
         return ((sums / counted.clamp(min=1)).tolist(), (correct * 100.0 / seen.clamp(min=1)).tolist(),
@@ -266,8 +266,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                                 ["loss", *names], step)
             images = sum(len(targets) for _, targets in group)
             step_sums = torch.where(bad, torch.zeros_like(values[0]), values.sum(dim=0))
-            step_images = torch.where(bad, torch.zeros((), device=values.device),
-                                      torch.tensor(float(images), device=values.device))
+            step_images = (~bad).float() * images  # a scalar operand: no host-to-device copy per step
             hits = sum(torch.stack([(z.argmax(dim=1) == targets).sum() for z in logits])
                        for (_, targets), (_, logits) in zip(group, results))
             acc.add(names, step_sums, step_images, hits, images)
@@ -295,9 +294,8 @@ def _weighted(terms: dict[str, torch.Tensor], names: list[str], images: int, glo
     """(T,) loss terms weighted for an image-weighted epoch mean: label and KD terms are means over this
     process's ``images``; the hint is a sum over the global batch, which every process's part adds up to,
     so its parts are weighted by the global batch's size (the same thing in one process)."""
-    weights = [float(global_images if n.startswith("hint/") else images) for n in names]
-    values = torch.stack([terms[n].detach().float() for n in names])
-    return values * torch.tensor(weights, device=values.device)
+    return torch.stack([terms[n].detach().float() * (global_images if n.startswith("hint/") else images)
+                        for n in names])
 
 
 def _total(loss_fn: SelfDistillLoss, names: list[str], means: list[float]) -> float:
