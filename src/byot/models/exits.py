@@ -14,6 +14,18 @@ from torch import nn
 from byot.errors import ByotError
 
 
+def pooled_logits(fc: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) map -> (logits (B, classes), pooled feature (B, C)), both in fp32 whatever the autocast.
+
+    The classifier is a sliver of the compute, but bf16 logits carry 8 bits of mantissa: ties between
+    classes become common and softmax confidences (which early exit thresholds) coarse. So the pooling
+    and the linear layer run in fp32.
+    """
+    feature = x.float().mean(dim=(2, 3))  # (B, C)
+    with torch.autocast(x.device.type, enabled=False):
+        return fc(feature), feature
+
+
 class BottleneckExit(nn.Module):
     """1x1 conv -> kxk conv with stride k -> 1x1 conv (each + BN + ReLU), global pool, linear.
 
@@ -41,8 +53,7 @@ class BottleneckExit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C_in, H, W) stage output -> (logits (B, classes), feature (B, out_channels))."""
-        feature = self.body(x).mean(dim=(2, 3))  # (B, out_channels)
-        return self.fc(feature), feature
+        return pooled_logits(self.fc, self.body(x))
 
 
 class BackboneHead(nn.Module):
@@ -54,8 +65,7 @@ class BackboneHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) last stage output -> (logits (B, classes), feature (B, C))."""
-        feature = x.mean(dim=(2, 3))  # (B, C)
-        return self.fc(feature), feature
+        return pooled_logits(self.fc, x)
 
 
 class SepConv(nn.Sequential):
@@ -102,8 +112,7 @@ class AttentionExit(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C_in, H, W) stage output -> (logits (B, classes), feature (B, out_channels))."""
         mask = F.interpolate(self.attention(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        feature = self.body(torch.sigmoid(mask) * x).mean(dim=(2, 3))  # (B, out_channels)
-        return self.fc(feature), feature
+        return pooled_logits(self.fc, self.body(torch.sigmoid(mask) * x))
 
 
 def halvings(size: int, last_size: int) -> int:
