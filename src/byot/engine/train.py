@@ -62,12 +62,7 @@ def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, torch.Tenso
     optimizers read its flag on the host). ``keep_bn_on_nonfinite`` also undoes such a step's BatchNorm
     statistics (for --skip-nonfinite, where training goes on after it).
     """
-    total = global_total or sum(len(targets) for _, targets in group)
-    weights = loss_fn.class_weights
-    exact = len(group) == 1 and world_size == 1
-    ce_total = None
-    if weights is not None and not exact:  # the global batch's summed class weights, over processes too
-        ce_total = all_reduce_sum(sum(weights[t].sum() for _, t in group).detach().clone())
+    weigh = _BatchWeights(loss_fn, group, global_total, world_size)
     optimizer.zero_grad(set_to_none=True)
     snapshot = _bn_buffers(model) if keep_bn_on_nonfinite else []
     saved = [b.clone() for b in snapshot]
@@ -82,12 +77,7 @@ def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, torch.Tenso
             if reached("nonfinite_loss"):  # fault injection (tests): this step's KD term of exit 2 becomes NaN
                 terms["kd/exit2"] = terms["kd/exit2"] * float("nan")
                 terms["loss"] = loss_fn.objective({k: v for k, v in terms.items() if k != "loss"})
-            if exact:
-                objective = terms["loss"]
-            else:
-                share = world_size * len(targets) / total
-                ce_share = None if ce_total is None else world_size * weights[targets].sum() / ce_total
-                objective = loss_fn.objective(terms, share, hint_scale=world_size, ce_share=ce_share)
+            objective = weigh.objective(terms, targets)
             with _bn_statistics_kept(model):
                 scaler.scale(objective).backward()
         results.append((terms, [z.detach() for z in output.logits]))
@@ -96,11 +86,33 @@ def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, torch.Tenso
     runtime.update_scaler(scaler)
     # one verdict for every process: a NaN in one process's loss poisons the averaged gradients of all
     bad = all_reduce_max((~torch.isfinite(torch.stack(objectives)).all()).float()) > 0
-    if snapshot:
-        with torch.no_grad():
-            for b, v in zip(snapshot, saved):
-                b.copy_(torch.where(bad, v, b))
+    with torch.no_grad():
+        for b, v in zip(snapshot, saved):
+            b.copy_(torch.where(bad, v, b))
     return StepResult(results, bad)
+
+
+class _BatchWeights:
+    """Each batch's objective within an optimizer step (see ``train_step``): the loss as it is for one whole
+    batch in one process; otherwise its means weighted by the batch's share of the step's images (class
+    weights, for the label terms) times the number of processes, and the hint by the number of processes."""
+
+    def __init__(self, loss_fn: SelfDistillLoss, group: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 global_total: int | None, world_size: int) -> None:
+        self.loss_fn, self.world = loss_fn, world_size
+        self.exact = len(group) == 1 and world_size == 1
+        self.total = global_total or sum(len(targets) for _, targets in group)
+        self.weights = loss_fn.class_weights
+        self.weight_total = None  # the step's summed class weights, over processes too
+        if self.weights is not None and not self.exact:
+            self.weight_total = all_reduce_sum(sum(self.weights[t].sum() for _, t in group).detach().clone())
+
+    def objective(self, terms: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return terms["loss"]
+        share = self.world * len(targets) / self.total
+        ce_share = None if self.weight_total is None else self.world * self.weights[targets].sum() / self.weight_total
+        return self.loss_fn.objective(terms, share, hint_scale=self.world, ce_share=ce_share)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
