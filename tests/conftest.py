@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 import tarfile
 from pathlib import Path
@@ -13,6 +14,21 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR100_TAR = SHARED_DATA / "cifar-100-python.tar.xz"
 CIFAR10_JPG_TAR = SHARED_DATA / "cifar10-jpg.tar.gz"
+
+
+@pytest.fixture(autouse=True)
+def _byot_logger_restored():
+    """Each in-process ``main()`` points the "byot" logger at that test's captured stderr and its run
+    folder; put it back afterwards so later tests neither write to closed streams nor miss caplog."""
+    logger = logging.getLogger("byot")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for handler in logger.handlers:
+        if handler not in before[0]:
+            handler.close()
+    logger.handlers[:] = before[0]
+    logger.setLevel(before[1])
+    logger.propagate = before[2]
 
 
 def _need(path: Path) -> None:
