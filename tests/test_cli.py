@@ -156,6 +156,12 @@ def test_error_bad_checkpoints(tmp_path, cifar100_small, capsys):
     assert "--arch 'multi_resnet50_kd' (checkpoint: 'multi_resnet18_kd')" in error_line(capsys)
     assert main(["test", "multi_resnet18_kd", *base, ckpt, "--width", "8"]) == 2
     assert "--width 8 (checkpoint: 4)" in error_line(capsys)
+    assert main(["test", "multi_resnet18_kd", *base, ckpt, "--stem", "imagenet"]) == 2
+    assert "--stem 'imagenet'" in error_line(capsys)
+    empty = tmp_path / "empty.pth.tar"
+    empty.write_bytes(b"")
+    assert main(["test", "multi_resnet18_kd", *base, str(empty)]) == 2
+    assert "cannot read checkpoint" in error_line(capsys)
     garbage = tmp_path / "garbage.pth.tar"
     garbage.write_bytes(os.urandom(1000))
     assert main(["test", "multi_resnet18_kd", *base, str(garbage)]) == 2
