@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from byot.deploy.calibration import expected_calibration_error, fit_temperature, nll
+from byot.deploy.calibration import at_search_edge, expected_calibration_error, fit_temperature, nll
 
 
 def test_nll_golden_value():
@@ -59,3 +59,16 @@ def test_temperature_one_is_kept_for_calibrated_logits():
     logits = torch.randn(20_000, 5, generator=g) * 2.0
     targets = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=g).squeeze(1)
     assert fit_temperature(logits, targets) == pytest.approx(1.0, rel=0.05)
+
+
+def test_an_exit_at_chance_or_never_wrong_fits_a_temperature_at_the_search_edge():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5_000, 10, generator=g) * 3.0
+    at_chance = torch.randint(0, 10, (5_000,), generator=g)  # labels unrelated to the logits
+    t = fit_temperature(logits, at_chance)
+    assert t > 10 and at_search_edge(t)  # softmax flattened as far as the search allows
+    never_wrong = logits.argmax(dim=1)
+    t = fit_temperature(logits, never_wrong)
+    assert t < 0.1 and at_search_edge(t)
+    calibrated = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=g).squeeze(1)
+    assert not at_search_edge(fit_temperature(logits, calibrated))

@@ -75,6 +75,12 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return 1.0 / ((lo + hi) / 2.0)
 
 
+def at_search_edge(temperature: float) -> bool:
+    """True when a fitted temperature sits at the edge of [T_MIN, T_MAX]: the NLL kept falling past it, as
+    for an exit that is at chance (T to infinity) or never wrong (T to zero) on the fitting split."""
+    return not T_MIN * 1.01 < temperature < T_MAX * 0.99
+
+
 def calibration_report(logits: torch.Tensor, targets: torch.Tensor, temperatures: list[float],
                        exit_ids: list[int]) -> list[dict[str, float]]:
     """Per exit: NLL and ECE (percent) before (T = 1) and after scaling; logits (E, N, K), targets (N,)."""

@@ -18,7 +18,7 @@ from byot import __version__
 from byot.config import TrainConfig
 from byot.data import NORMALIZATION, DataBundle
 from byot.data.folder import RESIZE_RATIO
-from byot.deploy.calibration import calibration_report, fit_temperature
+from byot.deploy.calibration import T_MAX, T_MIN, at_search_edge, calibration_report, fit_temperature
 from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.export import ExitNetwork, export
 from byot.deploy.plots import write_curve
@@ -77,6 +77,12 @@ def calibrate(cfg: TrainConfig, checkpoint: dict) -> dict[str, Any]:
     model, runtime = build_trained(cfg, checkpoint, device)
     val_logits, val_targets = collect_logits(model, _held_out(cfg, checkpoint, data, "calibration"), runtime)
     temperatures = [fit_temperature(z, val_targets) for z in val_logits]
+    for exit_id, t in zip(model.exit_stages, temperatures):
+        if at_search_edge(t):
+            log.warning("exit %d: the fitted temperature %.3g is at the edge of the search range [%g, %g]; its "
+                        "predictions are close to %s on the validation split, so this exit's confidences say "
+                        "little (train longer, or check the data)", exit_id, t, T_MIN, T_MAX,
+                        "chance" if t > 1 else "always right")
     test_logits, test_targets = collect_logits(model, data.test, runtime)
     entry = {"temperatures": temperatures, "split": "val", "val_split": cfg.val_split,
              "num_images": len(val_targets), "byot_version": __version__}
