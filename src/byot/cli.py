@@ -17,6 +17,7 @@ from byot.config import TrainConfig
 from byot.data import DATASETS
 from byot.errors import ByotError
 from byot.models import list_models
+from byot.models.exits import EXIT_HEADS
 
 D = TrainConfig()  # defaults shown in --help
 DEMO = {"arch": "multi_resnet18_kd", "dataset": "digits", "image_size": 32, "width": 16, "epochs": 15,
@@ -41,7 +42,7 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
                    help="cifar: 3x3/1; imagenet: 7x7/2 + max-pool; auto (default): imagenet from 64 px up")
     g.add_argument("--no-distill", dest="distill", action="store_false",
                    help="the plain backbone trained with cross-entropy only: the baseline")
-    g.add_argument("--head", choices=("bottleneck", "attention"),
+    g.add_argument("--head", choices=tuple(EXIT_HEADS),
                    help="shallow classifiers: bottleneck (default; the ICCV 2019 paper's) or attention (the TPAMI "
                         "2021 journal version's: a sigmoid attention mask, then depthwise-separable conv blocks)")
     g.add_argument("--pretrained", nargs="?", const="imagenet", metavar="PATH",
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=128)
     bench.add_argument("--image-size", type=int, default=32, help="px (default 32)")
     bench.add_argument("--width", type=int, default=64, help="base channels (default 64)")
-    bench.add_argument("--head", choices=("bottleneck", "attention"), default="bottleneck", help="shallow classifiers")
+    bench.add_argument("--head", choices=tuple(EXIT_HEADS), default=D.head, help="shallow classifiers")
     bench.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     bench.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")

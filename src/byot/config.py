@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from byot.errors import ByotError
+from byot.models.exits import EXIT_HEADS
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.width >= 1, "--width must be at least 1"),
         (cfg.image_size is None or cfg.image_size >= 8, "--image-size must be at least 8"),
         (cfg.schedule in ("step", "cosine"), "--schedule must be step or cosine"),
-        (cfg.head in ("bottleneck", "attention"), "--head must be bottleneck or attention"),
+        (cfg.head in EXIT_HEADS, f"--head must be one of {', '.join(EXIT_HEADS)}"),
         (cfg.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
         (cfg.workers >= 0, "--workers must be >= 0"),
         (cfg.accum_steps >= 1, "--accum-steps must be at least 1"),

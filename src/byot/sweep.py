@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from byot.config import FIELD_NAMES, build_config, load_yaml
-from byot.engine.run import read_test_result
+from byot.engine.run import LATEST, read_metrics, read_test_result
 from byot.errors import ByotError
 
 log = logging.getLogger("byot")
@@ -124,26 +124,13 @@ def finished(run_dir: Path, epochs: int, val_split: float) -> dict[str, Any] | N
     With a validation split that is test_result.json (the one test evaluation of model_best); without,
     the last epoch's test-split record of metrics.jsonl.
     """
-    records = _metrics(run_dir)
+    records = read_metrics(run_dir)
     if not records or records[-1].get("epoch") != epochs:  # unfinished, or the sweep file now asks for more
         return None
     if val_split > 0:
         return read_test_result(run_dir)
     return {"epoch": epochs, "exits": records[-1]["exits"], "ensemble": records[-1]["ensemble"],
             "selected_on": "last epoch"}
-
-
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
-    return records
 
 
 def run_sweep(sweep: Sweep, dry_run: bool = False) -> list[RunStatus]:
@@ -165,7 +152,7 @@ def run_sweep(sweep: Sweep, dry_run: bool = False) -> list[RunStatus]:
             statuses.append(RunStatus(row.name, seed, run_dir, "planned", detail=" ".join(command)))
             continue
         log.info("[%d/%d] %s, seed %d: %s (log: %s)", i, len(todo), row.name, seed,
-                 "resuming" if (run_dir / "checkpoint_latest.pth.tar").exists() else "starting", root / "sweep.log")
+                 "resuming" if (run_dir / LATEST).exists() else "starting", root / "sweep.log")
         statuses.append(_train(row.name, seed, run_dir, command, root, cfg.epochs, cfg.val_split))
     return statuses
 
@@ -206,7 +193,7 @@ def _train(row: str, seed: int, run_dir: Path, command: list[str], root: Path, e
 
 
 def _train_seconds(run_dir: Path) -> float:
-    return float(sum(r.get("epoch_seconds", 0.0) for r in _metrics(run_dir)))
+    return float(sum(r.get("epoch_seconds", 0.0) for r in read_metrics(run_dir)))
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:

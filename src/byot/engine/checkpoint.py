@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -20,37 +21,41 @@ FORMAT = FORMAT_PREFIX + "v1"  # raised when the layout of a checkpoint changes 
 def save_checkpoint(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:
     """Write ``state`` to ``path`` so that a crash leaves either the old file or the new, never half.
 
-    The new file is written and synced under a temporary name, then renamed over ``path``. With
-    ``previous``, the file ``path`` held until now becomes ``previous`` (a hard link, renamed into place),
-    so at every instant ``path`` holds a complete checkpoint and ``previous`` the one before it.
+    With ``previous``, the file ``path`` held until now becomes ``previous`` (a hard link, renamed into
+    place), so at every instant ``path`` holds a complete checkpoint and ``previous`` the one before it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def before_rename() -> None:
         fault_point("checkpoint_write")
         if previous is not None and path.exists():
             _keep_as(path, previous)
-        os.replace(tmp, path)
-        _sync_dir(path.parent)
+
+    try:
+        _write_atomic(path, "wb", lambda f: torch.save({"format": FORMAT, **state}, f), before_rename)
     except OSError as e:
         raise ByotError(f"could not write checkpoint {path}: {e.strerror or e}; the previous file is intact") from e
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path``'s contents with ``text`` so that a crash leaves the old contents or the new."""
+    _write_atomic(path, "w", lambda f: f.write(text))
+
+
+def _write_atomic(path: Path, mode: str, write: Callable[[IO], Any],
+                  before_rename: Callable[[], None] | None = None) -> None:
+    """``write`` into a temporary file beside ``path``, sync it, rename it over ``path``, sync the folder.
+    The temporary file (``.NAME.tmp-PID``) never outlives the call."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
+        _sync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -199,6 +199,20 @@ def read_test_result(run_dir: Path) -> dict[str, Any] | None:
     return result if isinstance(result, dict) and "exits" in result else None
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl records, in order; a line a crash cut short is left out."""
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def _epoch_of(line: str) -> int | None:
     """The epoch of a metrics line; None for a line a crash cut short."""
     try:
