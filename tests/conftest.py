@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import pickle
 import tarfile
@@ -29,6 +30,18 @@ def _byot_logger_restored():
     logger.handlers[:] = before[0]
     logger.setLevel(before[1])
     logger.propagate = before[2]
+
+
+TIMING = {"epoch_seconds", "train_seconds", "train_images_per_s"}  # the only fields two equal runs differ in
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl, strictly: a cut or malformed line fails the test."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
 def _need(path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import metrics, without_timing, write_cifar100_subset
 
 from byot.cli import main
 
@@ -19,15 +20,6 @@ FAST = ["--width", "4", "--batch-size", "32", "--no-progress", "--print-freq", "
 
 def train(tmp: Path, data: Path, *extra: str, arch: str = "multi_resnet18_kd") -> int:
     return main(["train", arch, "--data-dir", str(data), "--save-folder", str(tmp), *FAST, *extra])
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(records: list[dict]) -> list[dict]:
-    drop = {"epoch_seconds", "train_seconds", "train_images_per_s"}
-    return [{k: v for k, v in r.items() if k not in drop} for r in records]
 
 
 def test_train_writes_every_artefact(tmp_path, cifar100_small, capsys):
@@ -102,7 +94,6 @@ def test_no_distill_trains_the_plain_backbone(tmp_path, cifar100_small):
 
 @pytest.mark.parametrize("n_batch", ["1", "7"])
 def test_tiny_batches_and_single_sample_remainders(tmp_path, cifar100_full, n_batch):
-    from conftest import write_cifar100_subset
 
     data = write_cifar100_subset(tmp_path / "d", cifar100_full, 15, 8)  # 15 = 2 x 7 + 1
     args = ["train", "multi_resnet50_kd", "--data-dir", str(data), "--save-folder", str(tmp_path / "r"),

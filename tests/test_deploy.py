@@ -175,18 +175,33 @@ def test_onnx_export_matches_pytorch_on_real_images_and_runs_without_byot(ckpt, 
     diff = float((expected - torch.from_numpy(got)).abs().max())
     assert diff < 1e-4, diff
     # the standalone example, with byot made unimportable: the file alone carries classes and preprocessing
-    files = []
-    for i, img in enumerate(images[:5]):
-        files.append(tmp_path / f"digit{i}.png")
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(files[-1])
+    classes = load_checkpoint(ckpt)["classes"]
+    wanted = {}  # image file -> the class PyTorch gives it
+    for i, img in enumerate(images):
+        path = tmp_path / (f"digit{i}.png" if i < 5 else f"folder/sub/d{i:02d}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+        wanted[str(path)] = classes[int(expected[i].argmax())]
     code = ("import sys, runpy; sys.modules['byot'] = None; sys.argv = sys.argv[1:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code, str(EXAMPLE), str(out), *map(str, files)],
-                          capture_output=True, text=True, check=False)
+
+    def example(*paths: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, str(EXAMPLE), str(out), *map(str, paths)],
+                              capture_output=True, text=True, check=False)
+
+    files = [tmp_path / f"digit{i}.png" for i in range(5)]
+    proc = example(*files)
     assert proc.returncode == 0, proc.stderr
+    assert [r["class"] for r in json.loads(proc.stdout)] == [wanted[str(f)] for f in files]
+    # a folder (59 images in a subfolder: more than one onnxruntime batch), a broken file, a hidden one
+    (tmp_path / "folder" / "broken.png").write_bytes(PNG_SIGNATURE + b"cut short")
+    (tmp_path / "folder" / ".hidden.png").write_bytes(b"not looked at")
+    proc = example(files[0], tmp_path / "folder")
+    assert proc.returncode == 1  # one unreadable file
+    assert "broken.png: cannot read image" in proc.stderr and "hidden" not in proc.stderr
     rows = json.loads(proc.stdout)
-    classes = load_checkpoint(ckpt)["classes"]
-    assert [r["class"] for r in rows] == [classes[int(k)] for k in expected[:5].argmax(dim=1)]
+    assert len(rows) == 60 and {r["path"]: r["class"] for r in rows} == {
+        p: c for p, c in wanted.items() if p == str(files[0]) or "folder" in p}
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "safetensors"])

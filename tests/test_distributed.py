@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics
 
 from byot.data.batches import Shard, batch_bounds
 from byot.engine.checkpoint import load_checkpoint
@@ -84,7 +85,7 @@ def test_resume_under_two_processes_and_across_world_sizes(runs, tmp_path):
     latest = folder / ARCH / "checkpoint_latest.pth.tar"
     proc = train(folder, "--epochs", "2", "--resume", str(latest), "--accum-steps", "2", processes=2)  # ... goes on
     assert "resuming a run of 1 process(es) on 2" in proc.stderr
-    records = [json.loads(line) for line in (folder / ARCH / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(folder / ARCH)
     assert [r["epoch"] for r in records] == [1, 2]
     assert load_checkpoint(latest)["epoch"] == 2 and torch.isfinite(torch.tensor(records[-1]["losses"]["loss"]))
 

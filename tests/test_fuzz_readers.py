@@ -2,13 +2,15 @@
 
 Random bytes (some behind real image signatures) as image files, real images of random size, mode and
 format, and random pickles as CIFAR files. A reader may refuse (ByotError, or a reason from the scan);
-it must not raise anything else, hang, or hand back a malformed image.
+it must not raise anything else or hand back a malformed image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from PIL import Image
 
 from byot.cli import main
 from byot.data.cifar import load_cifar
-from byot.data.folder import to_rgb
+from byot.data.folder import IMAGE_EXTENSIONS, to_rgb
 from byot.data.scan import check_image
 from byot.deploy.predict import read_image
 from byot.errors import ByotError
@@ -29,23 +31,27 @@ SIGNATURES = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", 
 SUFFIXES = [".png", ".jpg", ".gif", ".bmp", ".tif", ".webp"]
 
 
-def _workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="byot-fuzz-"))
+@contextlib.contextmanager
+def _workdir() -> Iterator[Path]:
+    """A fresh folder per example (hypothesis runs many examples in one test call), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="byot-fuzz-") as folder:
+        yield Path(folder)
 
 
 @FUZZ
 @given(head=st.sampled_from(SIGNATURES), body=st.binary(max_size=2048), suffix=st.sampled_from(SUFFIXES))
 def test_random_bytes_as_an_image_file(head, body, suffix):
-    path = _workdir() / f"x{suffix}"
-    path.write_bytes(head + body)
-    reason = check_image(path)
-    assert reason is None or (isinstance(reason, str) and reason)
-    try:
-        image = read_image(path, 16, 1.0)
-    except ByotError as e:
-        assert str(path) in str(e)
-        return
-    assert image.dtype.is_floating_point is False and tuple(image.shape) == (3, 16, 16)
+    with _workdir() as folder:
+        path = folder / f"x{suffix}"
+        path.write_bytes(head + body)
+        reason = check_image(path)
+        assert reason is None or (isinstance(reason, str) and reason)
+        try:
+            image = read_image(path, 16, 1.0)
+        except ByotError as e:
+            assert str(path) in str(e)
+            return
+        assert image.dtype.is_floating_point is False and tuple(image.shape) == (3, 16, 16)
 
 
 MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I", "F", "CMYK"]
@@ -64,17 +70,18 @@ def test_real_images_of_any_size_mode_and_format(mode, width, height, suffix, se
                                                                                else np.float32))
     else:
         image = image.convert(mode)
-    path = _workdir() / f"x{suffix}"
-    try:
-        image.save(path, FORMATS[suffix])
-    except (OSError, ValueError, KeyError):
-        return  # PIL cannot write this mode in this format: not a file a user could have
-    assert check_image(path) is None  # a valid file is never reported corrupt
-    with Image.open(path) as raw:
-        rgb = to_rgb(raw)
-    assert rgb.mode == "RGB" and rgb.size == (width, height)
-    tensor = read_image(path, 16, 1.0)
-    assert tuple(tensor.shape) == (3, 16, 16)
+    with _workdir() as folder:
+        path = folder / f"x{suffix}"
+        try:
+            image.save(path, FORMATS[suffix])
+        except (OSError, ValueError, KeyError):
+            return  # PIL cannot write this mode in this format: not a file a user could have
+        assert check_image(path) is None  # a valid file is never reported corrupt
+        with Image.open(path) as raw:
+            rgb = to_rgb(raw)
+        assert rgb.mode == "RGB" and rgb.size == (width, height)
+        tensor = read_image(path, 16, 1.0)
+        assert tuple(tensor.shape) == (3, 16, 16)
 
 
 def _arrays() -> st.SearchStrategy:
@@ -104,34 +111,39 @@ def _cifar_like() -> st.SearchStrategy:
 @given(train=_cifar_like() | VALUES, test=_cifar_like() | VALUES, meta=VALUES,
        raw=st.one_of(st.none(), st.binary(max_size=64)))
 def test_random_pickles_as_cifar_files(train, test, meta, raw):
-    root = _workdir()
-    folder = root / "cifar-100-python"
-    folder.mkdir()
-    (folder / "train").write_bytes(raw if raw is not None else pickle.dumps(train, protocol=2))
-    (folder / "test").write_bytes(pickle.dumps(test, protocol=2))
-    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
-    try:
-        train_set, test_set = load_cifar(root, "cifar100")
-    except ByotError:
-        return
-    for split in (train_set, test_set):
-        assert split.images.dtype.is_floating_point is False and tuple(split.images.shape[1:]) == (3, 32, 32)
-        assert len(split.labels) == len(split.images) and len(split.classes) == 100
-        assert all(0 <= int(y) < 100 for y in split.labels)
+    with _workdir() as root:
+        folder = root / "cifar-100-python"
+        folder.mkdir()
+        (folder / "train").write_bytes(raw if raw is not None else pickle.dumps(train, protocol=2))
+        (folder / "test").write_bytes(pickle.dumps(test, protocol=2))
+        (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+        try:
+            train_set, test_set = load_cifar(root, "cifar100")
+        except ByotError:
+            return
+        for split in (train_set, test_set):
+            assert split.images.dtype.is_floating_point is False and tuple(split.images.shape[1:]) == (3, 32, 32)
+            assert len(split.labels) == len(split.images) and len(split.classes) == 100
+            assert all(0 <= int(y) < 100 for y in split.labels)
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_check_data_never_shows_a_traceback(seed, capsys):
+def test_check_data_lists_junk_files_without_a_traceback(seed, tmp_path, capsys):
     rng = np.random.default_rng(seed)
-    root = _workdir()
+    junk = []
     for split in ("train", "test"):
         for cls in ("a", "b"):
-            folder = root / split / cls
+            folder = tmp_path / split / cls
             folder.mkdir(parents=True)
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / "good.png")
             head = SIGNATURES[int(rng.integers(len(SIGNATURES)))]
-            (folder / f"junk{SUFFIXES[int(rng.integers(len(SUFFIXES)))]}").write_bytes(
-                head + rng.bytes(int(rng.integers(0, 500))))
-    code = main(["check-data", str(root)])
-    out = capsys.readouterr().out
-    assert code in (0, 1) and "Traceback" not in out
+            junk.append(folder / f"junk{SUFFIXES[int(rng.integers(len(SUFFIXES)))]}")
+            junk[-1].write_bytes(head + rng.bytes(int(rng.integers(0, 500))))
+    code = main(["check-data", str(tmp_path)])
+    captured = capsys.readouterr()
+    said = captured.out + captured.err
+    assert code == 1  # at least one junk file has an image suffix here
+    assert "Traceback" not in said
+    for path in junk:  # files with an image suffix are reported corrupt; others are not images to byot
+        assert (f"corrupt: {path}" in said) == (path.suffix in IMAGE_EXTENSIONS)
+    assert "good.png" not in said

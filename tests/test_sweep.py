@@ -58,13 +58,15 @@ def test_a_failing_run_is_reported_and_the_rest_go_on(tmp_path, capsys):
     assert summary["rows"][0]["failed_seeds"] == [0] and summary["rows"][1]["seeds"] == [0]
 
 
-def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path):
+def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(ByotError, match="unknown option"):
         load_sweep(write_sweep(tmp_path, [{"name": "a", "options": {"widht": 8}}]))
     with pytest.raises(ByotError, match="must differ"):
         load_sweep(write_sweep(tmp_path, [{"name": "A b"}, {"name": "a-b"}]))
-    with pytest.raises(ByotError, match="alpha"):
-        load_sweep(write_sweep(tmp_path, [{"name": "a", "options": {"alpha": 2}}]))
+    # a bad second row stops the sweep before its valid first row trains
+    bad_later = write_sweep(tmp_path, [{"name": "good"}, {"name": "a", "options": {"alpha": 2}}])
+    assert main(["sweep", str(bad_later)]) == 2
+    assert "alpha" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
