@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--data-dir", help="CIFAR-100 folder: time on its test images (default: random images)")
     parser.add_argument("--images", type=int, default=2048)
     args = parser.parse_args()
+    if len(args.shares) != 3 or min(args.shares) < 0 or sum(args.shares) > 1:
+        parser.error("--shares takes three non-negative shares (exits 1-3) that sum to at most 1")
     device = torch.device("cpu")
     torch.manual_seed(0)
     if args.data_dir:
