@@ -3,28 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from byot import __version__
-from byot.config import TrainConfig
-from byot.data import DATASETS
 from byot.errors import ByotError
-from byot.models import list_models
-from byot.models.exits import EXIT_HEADS
 
-D = TrainConfig()  # defaults shown in --help
+if TYPE_CHECKING:
+    from byot.config import TrainConfig
+
+# Nothing here imports torch at module level: a Ctrl-C during the seconds torch takes to import then
+# arrives inside main(), which turns it into one line, not a traceback.
 DEMO = {"arch": "multi_resnet18_kd", "dataset": "digits", "image_size": 32, "width": 16, "epochs": 15,
         "batch_size": 64, "lr": 0.05, "save_folder": "save_checkpoints/demo", "workers": 0}
 
 
+@lru_cache(maxsize=1)
+def _defaults() -> TrainConfig:
+    """The defaults shown in --help."""
+    from byot.config import TrainConfig
+
+    return TrainConfig()
+
+
+def _heads() -> tuple[str, ...]:
+    from byot.models.exits import EXIT_HEADS
+
+    return tuple(EXIT_HEADS)
+
+
 def _add_model_and_data(p: argparse.ArgumentParser) -> None:
+    from byot.data import DATASETS
+
+    D = _defaults()
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, help=f"data set (default {D.dataset}; digits: the demo's)")
     g.add_argument("--data-dir", help="folder with cifar-100-python/, cifar-10-batches-py/ or train/ + test/")
@@ -42,7 +61,7 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
                    help="cifar: 3x3/1; imagenet: 7x7/2 + max-pool; auto (default): imagenet from 64 px up")
     g.add_argument("--no-distill", dest="distill", action="store_false",
                    help="the plain backbone trained with cross-entropy only: the baseline")
-    g.add_argument("--head", choices=tuple(EXIT_HEADS),
+    g.add_argument("--head", choices=_heads(),
                    help="shallow classifiers: bottleneck (default; the ICCV 2019 paper's) or attention (the TPAMI "
                         "2021 journal version's: a sigmoid attention mask, then depthwise-separable conv blocks)")
     g.add_argument("--pretrained", nargs="?", const="imagenet", metavar="PATH",
@@ -69,6 +88,7 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
+    D = _defaults()
     g = p.add_argument_group("optimisation")
     g.add_argument("--epoch", "--epochs", dest="epochs", type=int, help=f"epochs (default {D.epochs})")
     g.add_argument("--lr", type=float, help=f"initial learning rate (default {D.lr})")
@@ -95,6 +115,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from byot.models import list_models
+
+    D = _defaults()
     parser = argparse.ArgumentParser(prog="byot", description="Be Your Own Teacher: train and evaluate "
                                      "multi-exit ResNets with self-distillation.")
     parser.add_argument("--version", action="version", version=f"byot {__version__}")
@@ -117,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--save-folder", help=f"default {DEMO['save_folder']}")
     demo.add_argument("--device", help="default: cuda when available, else cpu")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    demo.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds a run")
     split = sub.add_parser("split", help="split a folder of class folders into train/ and test/ (stratified)")
     split.add_argument("src", help="folder holding one folder per class")
     split.add_argument("--out", required=True, help="destination: receives train/<class>/ and test/<class>/")
@@ -134,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=128)
     bench.add_argument("--image-size", type=int, default=32, help="px (default 32)")
     bench.add_argument("--width", type=int, default=64, help="base channels (default 64)")
-    bench.add_argument("--head", choices=tuple(EXIT_HEADS), default=D.head, help="shallow classifiers")
+    bench.add_argument("--head", choices=_heads(), default=D.head, help="shallow classifiers")
     bench.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     bench.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
@@ -192,7 +216,8 @@ def _add_deployment(sub: argparse._SubParsersAction, arch_help: str) -> None:
     exp.add_argument("--resume", required=True, help="the checkpoint to export")
     exp.add_argument("--exit", dest="exit_number", default="4", help="exit 1-4, or 'all' (default 4)")
     exp.add_argument("--format", dest="fmt", choices=("onnx", "torchscript", "safetensors"), default="onnx")
-    exp.add_argument("--out", required=True, help="file to write")
+    exp.add_argument("--out", required=True, help="file to write (an existing file is refused without --force)")
+    exp.add_argument("--force", action="store_true", help="replace an existing --out file (never the checkpoint)")
     exp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     pred = sub.add_parser("predict", help="classify image files with the early-exit model",
                           argument_default=argparse.SUPPRESS)
@@ -226,18 +251,6 @@ def _setup_logging(progress_bar: bool, quiet: bool = False) -> None:
     root.propagate = False
 
 
-def _log_to_file(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "log_train.txt")
-    except OSError as e:  # a file where a folder should be, a read-only or full disk: before any training
-        raise ByotError(f"cannot write to the run directory {run_dir}: {e.strerror or e}; choose another "
-                        "--save-folder") from e
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    logging.getLogger("byot").addHandler(handler)
-
-
 def _run_training(given: dict[str, Any], config_file: str | None, overwrite: bool) -> int:
     from byot.engine.distributed import launched_by_torchrun
     from byot.engine.run import LATEST, fit, resolve_config
@@ -249,8 +262,6 @@ def _run_training(given: dict[str, Any], config_file: str | None, overwrite: boo
     cfg, checkpoint = resolve_config(given, config_file)
     show_bar = cfg.progress and show_bar
     cfg = dataclasses.replace(cfg, progress=show_bar)
-    if main_process:
-        _log_to_file(cfg.run_dir)
     try:
         with handle_signals():
             records = fit(cfg, checkpoint, overwrite=overwrite)
@@ -286,7 +297,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     print("byot demo: multi_resnet18_kd (width 16) with self-distillation on scikit-learn's 8x8 digits, "
           "upscaled to 32 px", file=sys.stderr)
-    return _run_training({**DEMO, **_given(args)}, None, overwrite=True)
+    return _run_training({**DEMO, **_given(args, "overwrite")}, None, getattr(args, "overwrite", False))
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -303,7 +314,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(f"{cfg.arch} on {cfg.dataset} test split ({result['num_images']} images), "
-          f"checkpoint epoch {result['epoch']}")
+          f"checkpoint epoch {result['epoch']}, evaluated in {result['precision']}")
     print(format_table(result["exits"], result["ensemble"], result["exits"]))
     if per_class:
         from byot.engine.reports import format_per_class
@@ -377,8 +388,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from byot.deploy.run import export_checkpoint
     from byot.deploy.tables import format_export
 
-    cfg, checkpoint = _trained(args, "exit_number", "fmt", "out", "json")
-    result = export_checkpoint(cfg, checkpoint, args.exit_number, args.fmt, Path(args.out))
+    cfg, checkpoint = _trained(args, "exit_number", "fmt", "out", "json", "force")
+    result = export_checkpoint(cfg, checkpoint, args.exit_number, args.fmt, Path(args.out),
+                               getattr(args, "force", False))
     print(json.dumps(result) if getattr(args, "json", False) else format_export(result))
     return 0
 
@@ -478,16 +490,26 @@ COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo, "bench": cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    _tolerant_output()
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except ByotError as e:
         print(f"byot: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("byot: interrupted; the last finished epoch's checkpoint_latest.pth.tar can be resumed with --resume",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # training says how to resume itself; elsewhere nothing is left half-done
+        print("byot: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+
+
+def _tolerant_output() -> None:
+    """Names that are not valid UTF-8 (a class folder named in Latin-1) reach the terminal escaped
+    (``\\xe9``) instead of stopping the command with UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="backslashreplace")
 
 
 def _one_line(error: Exception) -> str:

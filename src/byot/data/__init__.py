@@ -92,7 +92,7 @@ def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: 
         test_index = _preflight(test_index, "test", workers, skip_corrupt)
         val = None
         if val_split > 0:
-            keep, held = stratified_holdout(train_index.labels, val_split, seed)
+            keep, held = _holdout(train_index.labels, val_split, seed)
             val_index = _pick(train_index, held)
             train_index = _pick(train_index, keep)
             val = FolderBatches(val_index, size, eval_batch_size, False, seed, device, workers, shard)
@@ -110,13 +110,23 @@ def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: 
         raise ByotError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     val = None
     if val_split > 0:
-        keep, held = stratified_holdout(train.labels.tolist(), val_split, seed)
+        keep, held = _holdout(train.labels.tolist(), val_split, seed)
         train, held_out = train.subset(torch.tensor(keep)), train.subset(torch.tensor(held, dtype=torch.long))
         val = TensorBatches(held_out, eval_batch_size, False, seed, device, shard=shard)
     return DataBundle(TensorBatches(train, batch_size, True, seed, device, shard=shard),
                       TensorBatches(test, eval_batch_size, False, seed, device, shard=shard),
                       train.classes, train.images.shape[-1], mean, std,
                       _counts(train.labels.tolist(), len(train.classes)), val)
+
+
+def _holdout(labels: list[int], val_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """``stratified_holdout``, refusing a hold-out of nothing: checkpoints would be chosen on no images
+    (or, silently, on the test split)."""
+    keep, held = stratified_holdout(labels, val_split, seed)
+    if not held:
+        raise ByotError(f"--val-split {val_split} holds out no image: every class has a single training image "
+                        "and keeps it for training; add images or train without --val-split")
+    return keep, held
 
 
 def _pick(index: FolderIndex, positions: list[int]) -> FolderIndex:

@@ -2,10 +2,20 @@
 
 Images of any size and mode are decoded with PIL, converted to 8-bit RGB and sized to
 ``image_size`` per sample in DataLoader workers, then batched as uint8 like the tensor data sets.
+
+Links are read by one rule. A link (class folder or file) that resolves inside the split folder is
+followed; one that leads out of it is skipped with a warning, with one exception: when the data root (the
+folder holding ``train/`` and ``test/``) has the ``split.json`` of a ``byot split --mode symlink``, a file
+link that resolves inside that manifest's ``"source"`` folder is followed, since byot made it. One image
+never counts twice: two class folders that are one folder are an error naming both, and a file that is a
+second name (symlink or hard link) of a file already listed in the split is skipped with a warning. A data
+root holding ``.byot-split-incomplete`` is refused: ``byot split`` was interrupted there and is rerun with
+``--force`` to finish it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -18,12 +28,15 @@ import torch
 from PIL import Image, ImageOps
 
 from byot.data.batches import ONE_PROCESS, Shard, batch_bounds, epoch_generator, epoch_order
+from byot.engine.signals import ignore_handled_signals
 from byot.errors import ByotError
 
 log = logging.getLogger("byot.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 RESIZE_RATIO = 0.875  # test images: resize the short side to size / 0.875, then centre-crop
+MANIFEST = "split.json"  # written last by byot split, in the data root: the split is complete
+UNFINISHED = ".byot-split-incomplete"  # written first by byot split, removed after MANIFEST: still in progress
 
 
 @dataclass
@@ -36,6 +49,7 @@ class FolderIndex:
 
 
 def find_split(root: Path, names: tuple[str, ...]) -> Path:
+    refuse_unfinished(root)
     for name in names:
         if (root / name).is_dir():
             return root / name
@@ -43,12 +57,30 @@ def find_split(root: Path, names: tuple[str, ...]) -> Path:
                     f"{root}/train/<class>/ and {root}/test/<class>/ (byot split makes them)")
 
 
+def refuse_unfinished(root: Path) -> None:
+    """Raise ByotError if ``root`` is the destination of a ``byot split`` that did not finish."""
+    marker = root / UNFINISHED
+    if not os.path.lexists(marker):
+        return
+    try:
+        src = marker.read_text(encoding="utf-8").strip() or "SRC"  # byot split writes its SRC there
+    except (OSError, UnicodeDecodeError):
+        src = "SRC"
+    raise ByotError(f"{root} holds a byot split that was interrupted before it finished ({UNFINISHED} is there, "
+                    f"{MANIFEST} is not); rerun byot split {src} --out {root} --force")
+
+
 def index_folder(split_dir: Path, classes: list[str] | None = None) -> FolderIndex:
     """List ``split_dir/<class>/<image>``; hidden entries and non-image files are ignored, and so are links
-    (class folders or files) that lead outside ``split_dir`` (with a warning naming them)."""
+    that lead outside ``split_dir`` and second names of a file (with a warning naming them); see the module
+    docstring for the rule. ``classes`` (the training split's) makes this a later split, which must hold
+    the same class folders and at least one image in all."""
+    for folder in (split_dir, split_dir.parent):  # a split folder on its own, or one in a data root
+        refuse_unfinished(folder)
     root = split_dir.resolve()
     found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
                    and _inside(p, root))
+    _refuse_one_folder_twice(split_dir, found)
     first_split = classes is None
     if classes is None:
         classes = found
@@ -59,23 +91,72 @@ def index_folder(split_dir: Path, classes: list[str] | None = None) -> FolderInd
                         f"missing {missing or 'none'}, extra {extra or 'none'}")
     if not classes:
         raise ByotError(f"{split_dir} holds no class folders")
+    source, seen = symlinked_source(split_dir.parent), {}
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (split_dir / name).iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-                       and _inside(p, root))
+        files = [p for p in sorted((split_dir / name).iterdir())
+                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+                 and _inside(p, root, source) and _first_name(p, seen)]
         if not files and first_split:
             raise ByotError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         if not files:  # e.g. a class of one image: byot split puts it in train and leaves test empty
             log.warning("class folder %s holds no images; that class is not evaluated", split_dir / name)
         paths += files
         labels += [label] * len(files)
+    if not paths:  # nothing to evaluate on: refused now, not after the first epoch
+        raise ByotError(f"{split_dir} holds no images in any of its {len(classes)} class folders; put test "
+                        f"images in {split_dir}/<class>/ (byot split SRC --out DST makes both splits)")
     return FolderIndex(paths, labels, classes)
 
 
-def resolve_inside(entry: Path, root: Path) -> tuple[Path | None, str | None]:
+def symlinked_source(data_root: Path) -> Path | None:
+    """The resolved SRC of the ``byot split --mode symlink`` that made ``data_root``, or None (no manifest,
+    another mode, or a manifest byot cannot read)."""
+    try:
+        manifest = json.loads((data_root / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        log.warning("ignoring %s: %s", data_root / MANIFEST, e)
+        return None
+    if not isinstance(manifest, dict) or manifest.get("mode") != "symlink" or not isinstance(
+            manifest.get("source"), str):
+        return None
+    source = Path(manifest["source"])
+    return source.resolve() if source.is_absolute() and source.is_dir() else None
+
+
+def earlier_name(seen: dict[tuple[int, int], str], st: os.stat_result, name: str) -> str | None:
+    """The name under which the file of ``st`` was listed before, if it is not ``name``: then ``name`` is a
+    second name (a symlink or hard link) of it. ``seen`` maps (device, inode) to first names; a first name
+    is recorded and gives None.
+
+    The one rule of byot split and the folder reader: one image under two names would be trained on
+    twice, under two labels, or land in both train and test."""
+    first = seen.setdefault((st.st_dev, st.st_ino), name)
+    return None if first == name else first
+
+
+def _first_name(path: Path, seen: dict[tuple[int, int], str]) -> bool:
+    first = earlier_name(seen, path.stat(), str(path))
+    if first:
+        log.warning("skipping %s: same file as %s", path, first)
+    return first is None
+
+
+def _refuse_one_folder_twice(split_dir: Path, names: list[str]) -> None:
+    seen: dict[tuple[int, int], str] = {}
+    for name in names:
+        first = earlier_name(seen, (split_dir / name).stat(), name)
+        if first:
+            raise ByotError(f"class folders {split_dir / first} and {split_dir / name} are the same folder "
+                            "(one links to the other), so their images would get two labels; remove the link")
+
+
+def resolve_inside(entry: Path, root: Path, also: Path | None = None) -> tuple[Path | None, str | None]:
     """(resolved path, None), or (None, why it is refused): unsafe name, broken link, link out of ``root``
-    (a resolved folder). Used wherever byot lists user folders, so that a link never takes it elsewhere."""
+    (a resolved folder) and out of ``also`` (another resolved folder a link may lead into, or None). Used
+    wherever byot lists user folders, so that a link never takes it elsewhere."""
     bad = _unsafe_name(entry.name)
     if bad:
         return None, bad
@@ -83,7 +164,7 @@ def resolve_inside(entry: Path, root: Path) -> tuple[Path | None, str | None]:
         real = entry.resolve(strict=True)
     except (OSError, RuntimeError) as e:  # broken link, or a loop (RuntimeError before Python 3.13)
         return None, f"cannot be resolved ({e.__class__.__name__})"
-    if not real.is_relative_to(root):
+    if not real.is_relative_to(root) and not (also is not None and real.is_relative_to(also)):
         return None, f"symlink to {real}, outside {root}; not followed"
     return real, None
 
@@ -98,8 +179,8 @@ def _unsafe_name(name: str) -> str | None:
     return None
 
 
-def _inside(entry: Path, root: Path) -> bool:
-    real, reason = resolve_inside(entry, root)
+def _inside(entry: Path, root: Path, also: Path | None = None) -> bool:
+    real, reason = resolve_inside(entry, root, also)
     if real is None:
         log.warning("skipping %s: %s", entry, reason)
     return real is not None
@@ -210,6 +291,8 @@ class FolderBatches:
         self.loader = torch.utils.data.DataLoader(
             FolderDataset(index, image_size), batch_sampler=_EpochBatchSampler(self), num_workers=workers,
             pin_memory=device.type == "cuda", persistent_workers=False,
+            # a signal to the process group (Ctrl-C, timeout, a scheduler) is the main process's to handle
+            worker_init_fn=ignore_handled_signals,
         )
 
     def set_epoch(self, epoch: int) -> None:

@@ -4,11 +4,20 @@ A file that fails here (truncated, empty, not an image, a decompression bomb) wo
 training run at the batch that first meets it, possibly hours in. Decoding is strict: PIL's
 ``LOAD_TRUNCATED_IMAGES`` is forced off while scanning, so a truncated JPEG or PNG counts as corrupt
 instead of loading with a grey band.
+
+A parallel scan stops as promptly as a serial one. Its worker processes ignore SIGINT and SIGTERM (a
+terminal's Ctrl-C reaches the whole process group; the main process alone decides how to stop), are
+killed without waiting as soon as the main process meets any exception (KeyboardInterrupt, the engine's
+``Interrupted``), and on Linux die with it when it dies, however it dies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -18,11 +27,13 @@ from pathlib import Path
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from byot.data.folder import FolderIndex, index_folder
+from byot.engine.signals import ignore_handled_signals
 from byot.errors import ByotError
 
 log = logging.getLogger("byot.data")
 
 SPLIT_NAMES = ("train", "test", "val")  # the split folders of a data root, scanned in this order
+PR_SET_PDEATHSIG = 1  # Linux prctl option: the signal a process gets when its parent ends
 
 
 @dataclass
@@ -39,11 +50,10 @@ def scan_images(paths: list[Path], workers: int = 0) -> ScanReport:
     The report is the same whatever ``workers`` is. ``Image.MAX_IMAGE_PIXELS`` is left as it is: an
     image above PIL's decompression-bomb limit is reported corrupt with PIL's reason.
     """
+    _check_workers(workers)
     paths = [Path(p) for p in paths]
     if workers > 0 and len(paths) > 1:
-        chunk = max(1, len(paths) // (workers * 8))  # a few chunks per worker: balance vs. overhead
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            reasons = list(pool.map(check_image, paths, chunksize=chunk))  # map keeps input order
+        reasons = _check_in_workers(paths, workers)
     else:
         reasons = [check_image(p) for p in paths]
     ok = [p for p, r in zip(paths, reasons) if r is None]
@@ -51,6 +61,64 @@ def scan_images(paths: list[Path], workers: int = 0) -> ScanReport:
     if corrupt:
         log.warning("%d of %d images cannot be decoded", len(corrupt), len(paths))
     return ScanReport(ok, corrupt)
+
+
+def _check_workers(workers: int) -> None:
+    if workers < 0:
+        raise ByotError(f"--workers must be 0 or more, got {workers} (0 decodes in this process)")
+
+
+def _check_in_workers(paths: list[Path], workers: int) -> list[str | None]:
+    """``check_image`` of every path, in order, over ``workers`` processes that end with this call."""
+    chunk = max(1, len(paths) // (workers * 8))  # a few chunks per worker: balance vs. overhead
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=(os.getpid(),))
+    try:
+        # futures are submitted, not mapped: map's iterator cancels them behind the pool's back when it
+        # is interrupted, and the pool's thread then fails on them (InvalidStateError) instead of ending
+        futures = [pool.submit(_check_chunk, paths[i:i + chunk]) for i in range(0, len(paths), chunk)]
+        reasons = [r for f in futures for r in f.result()]
+    except BaseException:
+        _kill(pool)
+        raise
+    pool.shutdown()
+    return reasons
+
+
+def _check_chunk(paths: list[Path]) -> list[str | None]:
+    return [check_image(p) for p in paths]
+
+
+def _start_worker(parent: int) -> None:
+    """A scan worker's initializer: leave signals to the main process, and end when it ends."""
+    ignore_handled_signals()
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no prctl in this C library: the main process's teardown still runs
+        return
+    if os.getppid() != parent and not _exists(parent):  # it died before prctl took effect
+        os._exit(1)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as someone else's
+        pass
+    return True
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """End ``pool`` now: pending work cancelled, its processes killed (they ignore SIGINT and SIGTERM)."""
+    processes = list((pool._processes or {}).values())  # no public handle on them before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join(timeout=5)  # reaped, so that no zombie outlives the scan
 
 
 def check_image(path: Path) -> str | None:
@@ -94,6 +162,7 @@ def scan_folder(root: Path, workers: int = 0) -> dict[str, ScanReport]:
     Files are listed with ``index_folder`` (so hidden and non-image files are not scanned), and the
     splits after the first must hold the same classes. Raises ByotError for a missing root.
     """
+    _check_workers(workers)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ByotError(f"{root} does not exist or is not a folder")

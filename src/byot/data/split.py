@@ -11,7 +11,10 @@ Safety promises (the tests check each one):
 - a symlink in SRC (class folder or file) that resolves outside SRC is skipped, never followed;
 - a non-empty DST is refused unless ``force``; with ``force`` only ``DST/train``, ``DST/test`` and
   ``DST/split.json`` are replaced (removed first, so no file of an earlier split survives to leak between
-  train and test); everything else in DST is left alone, and a symlink there is removed, never followed.
+  train and test); everything else in DST is left alone, and a symlink there is removed, never followed;
+- an unfinished split is never taken for a finished one: ``DST/.byot-split-incomplete`` is written before
+  anything in DST is removed or placed and deleted only after ``DST/split.json``, and byot's readers
+  refuse a DST that holds it (an interrupted split is finished by rerunning it with ``force``).
 """
 
 from __future__ import annotations
@@ -28,13 +31,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from byot.data.folder import IMAGE_EXTENSIONS, resolve_inside
+from byot.data.folder import (
+    IMAGE_EXTENSIONS,
+    MANIFEST,
+    UNFINISHED,
+    earlier_name,
+    refuse_unfinished,
+    resolve_inside,
+)
 from byot.errors import ByotError
 
 log = logging.getLogger("byot.data")
 
 SPLITS = ("train", "test")
-MANIFEST = "split.json"
 # how a split file is made from its source; every function takes (source, target) like os.link
 PLACERS: dict[str, Callable[[Path, Path], object]] = {
     "copy": shutil.copy2,  # keeps the modification time
@@ -80,7 +89,8 @@ def split_folder(src: Path, dst: Path, test_ratio: float = 0.2, seed: int = 0, m
     ``IMAGE_EXTENSIONS`` and class folders without images are skipped; symlinks leaving SRC, special
     files and second names of one file (symlink or hard link inside SRC, which would put one image in
     both splits) are skipped and listed in ``refused`` with the reason. ``mode`` is one of ``MODES``.
-    ``DST/split.json`` is written last: its presence means the split finished. Raises ByotError.
+    ``DST/split.json`` is written last, then the ``UNFINISHED`` marker written first is removed: a DST
+    without the marker and with the manifest holds a finished split. Raises ByotError.
     """
     _check_options(test_ratio, mode)
     src_real, dst_real = _check_roots(Path(src).expanduser(), Path(dst).expanduser())
@@ -88,7 +98,7 @@ def split_folder(src: Path, dst: Path, test_ratio: float = 0.2, seed: int = 0, m
     if not source.classes:
         raise ByotError(f"{src} holds no class folder with images ({', '.join(IMAGE_EXTENSIONS)}); "
                         f"byot split needs SRC/<class>/<image>{_already_split_hint(source)}")
-    _prepare_dst(dst_real, force)
+    _prepare_dst(dst_real, src_real, force)
     files: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
     for name, paths in source.classes.items():
         train, test = assign_split([p.name for p in paths], seed, name, test_ratio)
@@ -101,6 +111,7 @@ def split_folder(src: Path, dst: Path, test_ratio: float = 0.2, seed: int = 0, m
     classes = {c: (len(files["train"][c]), len(files["test"][c])) for c in source.classes}
     report = SplitReport(classes, files, source.skipped, source.refused, dst_real / MANIFEST)
     _write_manifest(report, src_real, seed, test_ratio, mode)
+    (dst_real / UNFINISHED).unlink()
     return report
 
 
@@ -223,8 +234,8 @@ def _scan_class(src: Path, name: str, real_dir: Path, source: _Source) -> list[P
         if not stat.S_ISREG(st.st_mode):  # a FIFO would hang a copy; a folder named x.jpg is no image
             source.skip(rel, "not a regular file")
             continue
-        first = source.seen.setdefault((st.st_dev, st.st_ino), rel)
-        if first != rel:  # one image under two names would land in both splits, or in two classes
+        first = earlier_name(source.seen, st, rel)
+        if first:
             source.skip(rel, f"same file as {first}")
             continue
         files.append(real)
@@ -237,17 +248,22 @@ def _already_split_hint(source: _Source) -> str:
     return ""
 
 
-def _prepare_dst(dst: Path, force: bool) -> None:
-    """Create DST, or with ``force`` clear the parts of it that the split writes."""
+def _prepare_dst(dst: Path, src: Path, force: bool) -> None:
+    """Create DST and mark it unfinished, or with ``force`` mark it and clear the parts that the split writes."""
     if dst.exists() and not dst.is_dir():
         raise ByotError(f"--out {dst} exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()):
-        if not force:
-            raise ByotError(f"--out {dst} is not empty; pass --force to replace its train/, test/ and "
-                            f"{MANIFEST} (nothing else in it is touched)")
+    clear = dst.is_dir() and any(dst.iterdir())
+    if clear and not force:
+        refuse_unfinished(dst)  # the more useful message, if an earlier split was interrupted here
+        raise ByotError(f"--out {dst} is not empty; pass --force to replace its train/, test/ and "
+                        f"{MANIFEST} (nothing else in it is touched)")
+    dst.mkdir(parents=True, exist_ok=True)
+    marker = dst / UNFINISHED
+    _remove(marker)  # a link there is not followed by the write
+    marker.write_text(f"{src}\n", encoding="utf-8")  # first: from here on an interruption leaves DST refused
+    if clear:
         for name in (*SPLITS, MANIFEST):
             _remove(dst / name)
-    dst.mkdir(parents=True, exist_ok=True)
 
 
 def _remove(path: Path) -> None:

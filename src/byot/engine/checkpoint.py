@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -11,11 +15,13 @@ from typing import IO, Any
 import torch
 
 from byot import __version__
-from byot.engine.faults import fault_point
+from byot.engine.faults import fault_point, reached
+from byot.engine.rundir import pid_alive, write_lock
 from byot.errors import ByotError
 
 FORMAT_PREFIX = "byot-checkpoint-"
 FORMAT = FORMAT_PREFIX + "v1"  # raised when the layout of a checkpoint changes incompatibly
+DIGEST = "_loaded_sha256"  # set by load_checkpoint (the file's SHA-256 as read); never written
 
 
 def save_checkpoint(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:
@@ -24,17 +30,49 @@ def save_checkpoint(state: dict[str, Any], path: Path, previous: Path | None = N
     With ``previous``, the file ``path`` held until now becomes ``previous`` (a hard link, renamed into
     place), so at every instant ``path`` holds a complete checkpoint and ``previous`` the one before it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def before_rename() -> None:
-        fault_point("checkpoint_write")
-        if previous is not None and path.exists():
-            _keep_as(path, previous)
-
     try:
-        _write_atomic(path, "wb", lambda f: torch.save({"format": FORMAT, **state}, f), before_rename)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ByotError(f"could not write checkpoint {path}: {e.strerror or e}; the previous file is intact") from e
+        raise ByotError(f"could not write checkpoint {path}: {describe_os_error(e)}") from e
+    with write_lock(path.parent):
+        _save_locked(state, path, previous)
+
+
+def describe_os_error(e: OSError) -> str:
+    """A write error in words a user acts on (the caller names the file): a full disk says so."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device; free some space or choose another --save-folder"
+    return str(e.strerror or e)
+
+
+class _RecordingFile:
+    """A file object for torch.save that remembers the OSError of a failed write: torch reports it as a
+    RuntimeError ("unexpected pos ...") that says nothing of the disk."""
+
+    def __init__(self, f: IO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            if reached("disk_full"):  # the fault-injection tests' full disk, where no small file system can be made
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj: Any, f: IO) -> None:
+    recording = _RecordingFile(f)
+    try:
+        torch.save(obj, recording)
+    except RuntimeError:
+        if recording.error is not None:
+            raise recording.error from None
+        raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -86,11 +124,18 @@ def _sync_dir(folder: Path) -> None:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the half-written ``.NAME.tmp-PID`` files a crash during a checkpoint write left in ``folder``."""
-    stale = [p for p in folder.glob(".*.tmp-*") if p.is_file()]
+    """Delete the half-written ``.NAME.tmp-PID`` files a crash during a write left in ``folder``: only
+    those whose writer (the PID in the name) is gone; another process's write in progress is left alone."""
+    stale = [p for p in folder.glob(".*.tmp-*") if p.is_file() and not pid_alive(_writer_pid(p))]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def _writer_pid(path: Path) -> int:
+    tail = path.name.rsplit(".tmp-", 1)[-1]
+    digits = tail.split(".", 1)[0]  # export's temporaries keep a suffix: ".x.onnx.tmp-123.onnx"
+    return int(digits) if digits.isdigit() else 0
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -99,7 +144,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ByotError(f"no checkpoint at {path}; pass --resume PATH of a .pth.tar file a byot run wrote")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as e:
+        raise ByotError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, or holds objects weights_only refuses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ByotError(f"cannot read checkpoint {path} (truncated, corrupt or not a byot checkpoint): {first}") from e
@@ -109,16 +158,115 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ByotError(f"{path} was written by byot {state.get('version', '?')} in checkpoint format "
                         f"{state['format']}; this byot ({__version__}) reads {FORMAT}: use a byot version that "
                         "reads it")
+    problem = checkpoint_problem(state)
+    if problem:
+        raise ByotError(f"{path} is damaged or was edited by hand: {problem}")
+    state[DIGEST] = hashlib.sha256(data).hexdigest()
     return state
 
 
-def update_checkpoint(path: str | Path, entries: dict[str, Any]) -> None:
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_numbers(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(_is_number(t) and t > 0 for t in v)
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v)
+
+
+def _tensors(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def _count(v: Any, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+# field -> (what it must be, check); every byot run writes each of these (see engine.run._checkpoint_state)
+REQUIRED_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "arch": ("a string", lambda v: isinstance(v, str)),
+    "num_classes": ("an integer >= 1", lambda v: _count(v, 1)),
+    "classes": ("a list of class names", _str_list),
+    "image_size": ("an integer >= 1", lambda v: _count(v, 1)),
+    "config": ("a mapping of options", lambda v: isinstance(v, dict)),
+    "epoch": ("an integer >= 0", lambda v: _count(v, 0)),
+    "best_top1": ("a finite number", _is_number),
+    "model": ("a mapping of tensor names to tensors", _tensors),
+    "optimizer": ("an optimizer state (state, param_groups)",
+                  lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list)),
+    "rng": ("RNG states (a uint8 tensor under 'torch')",
+            lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor)
+            and v["torch"].dtype == torch.uint8),
+}
+OPTIONAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "scaler": ("a mapping", lambda v: isinstance(v, dict)),
+    "nonfinite_steps": ("an integer >= 0", lambda v: _count(v, 0)),
+    "world_size": ("an integer >= 1", lambda v: _count(v, 1)),
+    "calibration": ("a mapping whose 'temperatures' are positive numbers",
+                    lambda v: isinstance(v, dict) and _positive_numbers(v.get("temperatures"))),
+    "early_exit": ("a mapping of 'thresholds' (numbers), 'temperatures' (positive numbers) and 'final'",
+                   lambda v: isinstance(v, dict) and isinstance(v.get("thresholds"), (list, tuple))
+                   and all(isinstance(t, (int, float)) and not isinstance(t, bool) and not math.isnan(t)
+                           for t in v["thresholds"])
+                   and _positive_numbers(v.get("temperatures", [])) and v.get("final", "deepest") in
+                   ("deepest", "ensemble")),
+}
+
+
+def checkpoint_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with the structure of a checkpoint's fields, or None: hand-edited or damaged files
+    are refused on load, not half-used."""
+    for name, (what, ok) in REQUIRED_FIELDS.items():
+        if name not in state:
+            return f"it has no '{name}' field"
+        if not ok(state[name]):
+            return f"'{name}' must be {what}"
+    for name, (what, ok) in OPTIONAL_FIELDS.items():
+        if state.get(name) is not None and not ok(state[name]):
+            return f"'{name}' must be {what}"
+    if len(state["classes"]) != state["num_classes"]:
+        return f"'classes' lists {len(state['classes'])} names for num_classes {state['num_classes']}"
+    return None
+
+
+def update_checkpoint(path: str | Path, entries: dict[str, Any], fitted_on: str | None = None) -> None:
     """Add or replace top-level ``entries`` (a calibration, a fitted exit policy) in the checkpoint at
-    ``path``, atomically: a crash leaves the old file."""
-    state = load_checkpoint(path)
-    state.update(entries)
-    state.pop("format", None)
-    save_checkpoint(state, Path(path).expanduser())
+    ``path``, atomically: a crash leaves the old file.
+
+    ``fitted_on``: the SHA-256 of the file the entries were computed from (``state[DIGEST]`` of
+    ``load_checkpoint``). If the file has been rewritten since (a training run saving its next epoch),
+    the entries belong to other weights and are refused; the check and the write hold the folder's
+    write lock, so no checkpoint write can slip between them.
+    """
+    path = Path(path).expanduser()
+    with write_lock(path.parent):
+        state = load_checkpoint(path)
+        if fitted_on is not None and state[DIGEST] != fitted_on:
+            raise ByotError(f"{path} changed while this command ran (was it rewritten by a training run?): "
+                            f"what was fitted on the weights read before is not stored; run the command again")
+        state.update(entries)
+        _save_locked(state, path)
+
+
+def _save_locked(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:
+    """save_checkpoint for a caller that holds the folder's write lock (flock is per open file, so
+    taking it again here would wait for ourselves)."""
+    state = {k: v for k, v in state.items() if k not in ("format", DIGEST)}
+
+    def before_rename() -> None:
+        fault_point("checkpoint_write")
+        if previous is not None and path.exists():
+            _keep_as(path, previous)
+
+    try:
+        _write_atomic(path, "wb", lambda f: _torch_save({"format": FORMAT, **state}, f), before_rename)
+    except OSError as e:
+        raise ByotError(f"could not write checkpoint {path}: {describe_os_error(e)}; the previous file is "
+                        "intact") from e
 
 
 def rng_state() -> dict[str, Any]:

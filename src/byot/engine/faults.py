@@ -2,7 +2,8 @@
 
 ``BYOT_FAULT=POINT:N`` makes the process SIGKILL itself the N-th time it reaches POINT (a crash nothing can
 catch), ``BYOT_FAULT=POINT:N:TERM`` (or ``INT``) sends it that signal instead, and the point
-``nonfinite_loss`` turns one loss term into NaN at that step. Unset (always, outside tests), every call
+``nonfinite_loss`` turns one loss term into NaN at that step, ``disk_full`` makes the N-th write of a
+checkpoint's bytes fail with ENOSPC. Unset (always, outside tests), every call
 is one comparison.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("train_step", "evaluate", "checkpoint_write", "after_metrics", "nonfinite_loss")
+POINTS = ("train_step", "evaluate", "checkpoint_write", "after_metrics", "nonfinite_loss", "disk_full")
 _SPEC = os.environ.get("BYOT_FAULT", "")
 _counts: dict[str, int] = {}
 

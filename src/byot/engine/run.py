@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from byot.config import TrainConfig, build_config, check_model_options, config_t
 from byot.data import NORMALIZATION, DataBundle, Shard, build_data
 from byot.data.batches import ONE_PROCESS
 from byot.engine.checkpoint import (
+    describe_os_error,
     load_checkpoint,
     remove_stale_temporaries,
     restore_rng_state,
@@ -41,7 +43,15 @@ from byot.engine.distributed import (
 from byot.engine.evaluate import evaluate
 from byot.engine.faults import fault_point
 from byot.engine.reports import class_counts, per_class_table, write_confusion
-from byot.engine.runtime import Runtime, build_optimizer, compile_model, make_runtime
+from byot.engine.rundir import BEST, LATEST, METRICS, PREVIOUS, TEST_RESULT, clear_run, run_lock
+from byot.engine.runtime import (
+    Runtime,
+    build_optimizer,
+    compile_model,
+    evaluation_runtime,
+    make_runtime,
+    precision_name,
+)
 from byot.engine.signals import critical_section
 from byot.engine.train import NonFiniteGuard, lr_at, train_one_epoch
 from byot.errors import ByotError
@@ -52,9 +62,6 @@ from byot.models.resnet import stage_sizes
 
 log = logging.getLogger("byot")
 
-LATEST, BEST, METRICS = "checkpoint_latest.pth.tar", "model_best.pth.tar", "metrics.jsonl"
-PREVIOUS = "checkpoint_previous.pth.tar"  # the epoch before LATEST: the fallback of --resume auto
-TEST_RESULT = "test_result.json"  # with --val-split: the one test evaluation, of model_best
 
 
 def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, dict | None]:
@@ -70,7 +77,20 @@ def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tup
     effective = {**saved, "image_size": saved.get("image_size") or checkpoint.get("image_size")}
     check_model_options(effective, explicit, explicit["resume"])
     saved.pop("device", None)  # where it ran before says nothing about where it runs now
+    # where it wrote before neither: the run directory comes from the command line, or from where the
+    # checkpoint lies (continue the run it belongs to), never from the file's contents, so a checkpoint
+    # received from elsewhere cannot make this run write into a path of its choosing
+    saved.pop("save_folder", None)
+    explicit.setdefault("save_folder", own_save_folder(Path(explicit["resume"]), saved.get("arch", "")))
+    if explicit["save_folder"] is None:
+        del explicit["save_folder"]
     return build_config(saved, explicit), checkpoint
+
+
+def own_save_folder(checkpoint_path: Path, arch: str) -> str | None:
+    """SAVE_FOLDER of the run directory a checkpoint lies in (SAVE_FOLDER/ARCH/file), else None."""
+    folder = checkpoint_path.expanduser().parent
+    return str(folder.parent) if arch and folder.name == arch else None
 
 
 def find_resumable(run_dir: Path) -> str | None:
@@ -133,6 +153,13 @@ def _check_checkpoint_fits(checkpoint: dict, data: DataBundle, source: str) -> N
     if checkpoint["num_classes"] != len(data.classes):
         raise ByotError(f"{source} has {checkpoint['num_classes']} classes but the data has {len(data.classes)}; "
                         "use the data set it was trained on")
+    saved = list(checkpoint["classes"])
+    if saved != list(data.classes):  # same count, other names or order: every label would mean another class
+        pairs = [f"{i}: {a!r} (checkpoint) vs {b!r} (data)" for i, (a, b) in enumerate(zip(saved, data.classes))
+                 if a != b]
+        raise ByotError(f"{source} was trained on other classes than the data's: {len(pairs)} differ "
+                        f"({'; '.join(pairs[:3])}{'; ...' if len(pairs) > 3 else ''}); use the data set it was "
+                        "trained on")
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -161,21 +188,62 @@ def _check_single_sample_batches(model: MultiExitResNet, data: DataBundle) -> No
                         "BatchNorm cannot normalise; use --batch-size 2 or more, or a larger --image-size")
 
 
-def _prepare_run_dir(cfg: TrainConfig, resuming: bool, overwrite: bool, probe: bool = True) -> Path:
+def _prepare_run_dir(cfg: TrainConfig, resume_path: str | None, overwrite: bool, main: bool = True) -> Path:
+    """Check that this run may write into its run directory, and with ``overwrite`` empty it of the old
+    run's files; called with the run lock held, before anything of the new run is written."""
     run_dir = cfg.run_dir
-    if not resuming and (run_dir / LATEST).exists() and not overwrite:
+    holds_run = (run_dir / LATEST).exists()
+    inside = resume_path is not None and Path(resume_path).expanduser().resolve().parent == run_dir.resolve()
+    if overwrite and inside:
+        raise ByotError(f"--overwrite would delete {resume_path}, the checkpoint this run resumes from; drop "
+                        "--overwrite to continue the run, or drop --resume to start afresh")
+    if holds_run and not overwrite and resume_path is None:
         raise ByotError(f"{run_dir} already holds a run; continue it with --resume {run_dir / LATEST}, "
                         "or choose another --save-folder, or add --overwrite")
-    if not probe:  # another process (rank 0) writes here
+    if holds_run and not overwrite and not inside:  # the resumed run would mix its files with another run's
+        raise ByotError(f"{run_dir} holds another run than {resume_path}'s; resume into an empty --save-folder "
+                        "(or the checkpoint's own), or add --overwrite to replace that run")
+    if resume_path is not None and not inside:
+        log.info("resuming %s into the run directory %s", resume_path, run_dir)
+    if not main:  # another process (rank 0) writes here
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_run(run_dir)
+    _probe_write(run_dir)
+    return run_dir
+
+
+def _probe_write(run_dir: Path) -> None:
     probe = run_dir / ".write-probe"
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
-        probe.unlink()
     except OSError as e:
-        raise ByotError(f"cannot write to the run directory {run_dir}: {e.strerror}") from e
-    return run_dir
+        raise ByotError(f"cannot write to the run directory {run_dir}: {describe_os_error(e)}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)  # a full disk may have created it empty before refusing the bytes
+
+
+@contextlib.contextmanager
+def _log_file(run_dir: Path, main: bool):
+    """The run's log_train.txt receives every log line of the run (rank 0 only)."""
+    if not main:
+        yield
+        return
+    try:
+        handler = logging.FileHandler(run_dir / "log_train.txt", errors="backslashreplace")
+    except OSError as e:
+        raise ByotError(f"cannot write to the run directory {run_dir}: {describe_os_error(e)}; choose another "
+                        "--save-folder") from e
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("byot").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("byot").removeHandler(handler)
+        handler.close()
 
 
 def _reset_metrics(path: Path, last_epoch: int) -> None:
@@ -267,6 +335,11 @@ class Session:
     nonfinite_steps: int = 0  # optimizer steps skipped so far for a non-finite loss (--skip-nonfinite)
     ctx: DistContext = SINGLE  # this process's rank under torchrun
 
+    @property
+    def eval_runtime(self) -> Runtime:
+        """Accuracies are scored in fp32 unless --amp names a half precision (training keeps its own)."""
+        return evaluation_runtime(self.runtime, self.cfg.amp)
+
 
 def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = SINGLE) -> Session:
     """Data, model, runtime and optimizer for ``cfg``, restored from ``checkpoint`` when given; under
@@ -323,9 +396,19 @@ def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = Fals
     Launched by torchrun, every process trains its shard and rank 0 alone writes files.
     """
     ctx = launched_by_torchrun()
+    # one writer per run directory, from before the first write to the end (rank 0 writes for all)
+    with run_lock(cfg.run_dir) if ctx.is_main else contextlib.nullcontext():
+        _prepare_run_dir(cfg, cfg.resume if checkpoint is not None else None, overwrite, ctx.is_main)
+        with _log_file(cfg.run_dir, ctx.is_main):
+            records = _fit_session(cfg, checkpoint, ctx, stop_after, on_epoch)
+    return records
+
+
+def _fit_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext, stop_after: int | None,
+                 on_epoch: Callable[[dict], None] | None) -> list[dict[str, Any]]:
     session = build_session(cfg, checkpoint, ctx)
     try:
-        records = _fit(session, checkpoint, overwrite, stop_after, on_epoch)
+        records = _fit(session, checkpoint, stop_after, on_epoch)
     except BaseException:
         if ctx.active:
             shutdown()
@@ -337,16 +420,19 @@ def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = Fals
     return records
 
 
-def _fit(s: Session, checkpoint: dict | None, overwrite: bool, stop_after: int | None,
+def _fit(s: Session, checkpoint: dict | None, stop_after: int | None,
          on_epoch: Callable[[dict], None] | None) -> list[dict[str, Any]]:
     cfg, main = s.cfg, s.ctx.is_main
     start_epoch, best = (checkpoint["epoch"], checkpoint["best_top1"]) if checkpoint else (0, 0.0)
-    run_dir = _prepare_run_dir(cfg, checkpoint is not None, overwrite, probe=main)
+    run_dir = cfg.run_dir
     if main:
         for stale in remove_stale_temporaries(run_dir):
             log.warning("removed %s, a checkpoint write that a crash cut short", stale)
-        save_yaml(cfg, run_dir / "config.yaml", {"num_classes": len(s.data.classes), "byot_version": __version__,
-                                                 "world_size": s.ctx.world_size})
+        try:
+            save_yaml(cfg, run_dir / "config.yaml", {"num_classes": len(s.data.classes),
+                                                     "byot_version": __version__, "world_size": s.ctx.world_size})
+        except OSError as e:
+            raise ByotError(f"cannot write {run_dir / 'config.yaml'}: {describe_os_error(e)}") from e
         _reset_metrics(run_dir / METRICS, start_epoch)
     _log_start(s, start_epoch, best)
     writer, records = _open_tensorboard(run_dir) if main else None, []
@@ -385,10 +471,14 @@ def _save_epoch(run_dir: Path, record: dict[str, Any], state: dict[str, Any], im
     epoch, drops metrics lines after it, and redoes the lost epoch exactly, rewriting model_best if needed.
     """
     with critical_section():
-        with open(run_dir / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(run_dir / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise ByotError(f"could not append to {run_dir / METRICS}: {describe_os_error(e)}; the checkpoints of "
+                            "finished epochs are intact") from e
         fault_point("after_metrics")
         if improved:
             save_checkpoint(state, run_dir / BEST)
@@ -404,8 +494,8 @@ def _final_test(s: Session, run_dir: Path) -> dict[str, Any]:
         path = run_dir / LATEST
     best = load_checkpoint(path)
     load_model_state(s.model, best["model"], str(path))
-    result = {"checkpoint": str(path), "epoch": best["epoch"],
-              **evaluate(s.forward, s.data.test, s.runtime, s.model.exit_stages)}
+    result = {"checkpoint": str(path), "epoch": best["epoch"], "precision": precision_name(s.eval_runtime),
+              **evaluate(s.forward, s.data.test, s.eval_runtime, s.model.exit_stages)}
     if s.ctx.is_main:
         write_text_atomic(run_dir / TEST_RESULT, json.dumps(result, indent=1) + "\n")
     exits = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in result["exits"])
@@ -425,7 +515,8 @@ def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
                             s.model.exit_stages, epoch, s.cfg.print_freq, s.cfg.progress, s.cfg.accum_steps, guard)
     s.nonfinite_steps = stats["nonfinite_steps"]
     split = "val" if s.data.val is not None else "test"
-    result = evaluate(s.forward, s.data.val or s.data.test, s.runtime, s.model.exit_stages)
+    held_out = s.data.val if s.data.val is not None else s.data.test  # (an empty split is refused when loading)
+    result = evaluate(s.forward, held_out, s.eval_runtime, s.model.exit_stages)
     return {"epoch": epoch + 1, "lr": lr, "losses": stats["losses"], "train_top1": stats["train_top1"],
             "eval_split": split, "exits": result["exits"], "ensemble": result["ensemble"],
             "epoch_seconds": time.perf_counter() - start, "train_seconds": stats["seconds"],
@@ -452,7 +543,7 @@ def _log_start(s: Session, start_epoch: int, best: float) -> None:
         log.info("resumed from %s after epoch %d (best deepest-exit top-1 %.2f)", cfg.resume, start_epoch, best)
     log.info("%s (%s stem, width %d, %d exits, %.2fM parameters) on %s, amp %s, channels_last %s, compile %s; "
              "%s: %d train / %d test images, %d classes, %d px; run directory %s", cfg.arch, model.spec.stem,
-             cfg.width, model.num_exits, params / 1e6, s.runtime.device, s.runtime.amp, s.runtime.channels_last,
+             cfg.width, model.num_exits, params / 1e6, s.runtime.device, _precisions(s), s.runtime.channels_last,
              cfg.compile, cfg.dataset, data.train.num_samples, data.test.num_samples, len(data.classes),
              data.image_size, cfg.run_dir)
     counts = ", ".join(f"{name} {n}" for name, n in zip(data.classes, data.train_counts))
@@ -466,13 +557,18 @@ def _log_start(s: Session, start_epoch: int, best: float) -> None:
                  "estimate of performance on unseen data (use --val-split to keep the test split unseen)")
 
 
+def _precisions(s: Session) -> str:
+    train, scored = s.runtime.amp, precision_name(s.eval_runtime)
+    return f"{train} (evaluation in {scored})" if train != "off" else "off"
+
+
 def build_trained(cfg: TrainConfig, checkpoint: dict, device: torch.device) -> tuple[MultiExitResNet, Runtime]:
     """The checkpoint's model, in eval mode on ``device``, and the runtime (amp, memory format) to run it."""
     model = build_model(cfg, checkpoint["num_classes"], checkpoint["image_size"])
     mean, std = NORMALIZATION[cfg.dataset]
     runtime = make_runtime(device, mean, std, cfg.amp, cfg.channels_last, model, training=False)
     load_model_state(model, checkpoint["model"], cfg.resume or "the checkpoint")
-    return runtime.place(model).eval(), runtime
+    return runtime.place(model).eval(), evaluation_runtime(runtime, cfg.amp)
 
 
 def test_checkpoint(cfg: TrainConfig, checkpoint: dict, per_class: bool = False) -> dict[str, Any]:
@@ -497,4 +593,5 @@ def test_checkpoint(cfg: TrainConfig, checkpoint: dict, per_class: bool = False)
     full = costs[-1]["flops"]
     for e, c in zip(result["exits"], costs):
         e.update(flops=c["flops"], params=c["params"], compute_share=c["flops"] / full)
-    return {"arch": cfg.arch, "dataset": cfg.dataset, "epoch": checkpoint.get("epoch"), **result}
+    return {"arch": cfg.arch, "dataset": cfg.dataset, "epoch": checkpoint.get("epoch"),
+            "precision": precision_name(runtime), **result}

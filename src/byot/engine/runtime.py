@@ -6,6 +6,7 @@ One object carries these choices so that training, evaluation and ``byot bench``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -94,6 +95,17 @@ class Runtime:
     def place(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def evaluation_runtime(runtime: Runtime, amp: str) -> Runtime:
+    """The runtime that scores accuracies: fp32 unless the user named a half precision (``--amp bf16`` or
+    ``fp16``). "auto" speeds up training only: a reported top-1 or top-5 must not move with the CPU's
+    features (bf16 logits tie and reorder: one top-5 hit differed from fp32 on one checkpoint)."""
+    return runtime if amp in ("bf16", "fp16") else dataclasses.replace(runtime, amp="off")
+
+
+def precision_name(runtime: Runtime) -> str:
+    return "fp32" if runtime.amp == "off" else runtime.amp
 
 
 CPU_CHANNELS_LAST_MIN_CHANNELS = 8  # output channels below this: unsafe in channels-last on CPUs

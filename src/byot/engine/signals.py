@@ -29,10 +29,23 @@ class Interrupted(BaseException):
         self.exit_code = 128 + signum
 
 
-_state = {"critical": 0, "pending": 0, "received": 0}
+_state = {"critical": 0, "pending": 0, "received": 0, "pid": os.getpid()}
+
+
+def ignore_handled_signals(*_: object) -> None:
+    """In a helper process (a DataLoader worker, a decoding pool's worker): ignore SIGINT and SIGTERM.
+
+    A terminal's Ctrl-C, ``timeout`` or a batch scheduler signal the whole process group; the main
+    process alone decides how to stop, and ends its workers itself. Takes and ignores any arguments so
+    that it serves as a ``worker_init_fn`` or a pool ``initializer``.
+    """
+    for s in HANDLED:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _state["pid"]:  # a forked worker that inherited the handler: the main process stops it
+        return
     _state["received"] += 1
     if _state["received"] > 1:
         os._exit(128 + signum)  # the second signal: at once, no cleanup
@@ -49,7 +62,7 @@ def handle_signals() -> Iterator[None]:
         yield
         return
     previous = {s: signal.signal(s, _handler) for s in HANDLED}
-    _state.update(critical=0, pending=0, received=0)
+    _state.update(critical=0, pending=0, received=0, pid=os.getpid())
     try:
         yield
     finally:

@@ -1,0 +1,155 @@
+"""One run directory, one writer: an exclusive lock held for the whole run, and the list of byot's own files.
+
+Two ``byot train`` processes on one run directory would interleave their metrics, swap each other's
+checkpoints and delete each other's temporary files. A run therefore holds an OS file lock
+(``flock`` on ``RUN_DIR/.byot-run.lock``) from before its first write until it ends; the kernel releases
+it when the process dies in any way, kill -9 included, so a lock is never stale. The lock file holds the
+PID of its holder, named in the refusal a second process gets.
+
+``--overwrite`` removes every file byot writes into a run directory (``clear_run``), and only those,
+before the new run writes anything, so no file of the old run (a ``checkpoint_previous``, a
+``test_result.json``, TensorBoard events) survives to be mistaken for the new run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from byot.errors import ByotError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are then not protected against a second writer
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("byot")
+
+LATEST, BEST, METRICS = "checkpoint_latest.pth.tar", "model_best.pth.tar", "metrics.jsonl"
+PREVIOUS = "checkpoint_previous.pth.tar"  # the epoch before LATEST: the fallback of --resume auto
+TEST_RESULT = "test_result.json"  # with --val-split: the one test evaluation, of model_best
+LOCK_NAME = ".byot-run.lock"
+WRITE_LOCK_NAME = ".byot-write.lock"  # held only while a checkpoint file is replaced
+# what a run writes into its directory (checkpoint names come from byot.engine.run); globs allowed
+RUN_FILES = (LATEST, PREVIOUS, BEST, METRICS, TEST_RESULT, "config.yaml", "log_train.txt", "events.out.tfevents.*", "confusion_exit*.csv",
+             "confusion_exit*.png", ".*.tmp-*", ".write-probe")
+RUN_FOLDERS = {"early_exit": ("curve.json", "curve.csv", "curve.png")}  # byot early-exit's default --out
+
+_held: dict[Path, list[int]] = {}  # resolved run directory -> [fd, depth]: the lock is re-entrant in a process
+
+
+def _open_lock_file(path: Path) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ByotError(f"cannot write to the run directory {path.parent}: {e.strerror or e}; choose another "
+                        "--save-folder") from e
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s exclusive lock for the block; a second process is refused at once, naming the
+    holder's PID. Taking it again in the process that holds it is a no-op (the CLI and ``fit`` both take it)."""
+    key = Path(run_dir).resolve()
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    fd = _open_lock_file(Path(run_dir) / LOCK_NAME)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ByotError(f"{run_dir} is in use by another byot process (PID {holder}); wait for it to end or "
+                            "stop it, or choose another --save-folder") from e
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held[key]
+        os.close(fd)  # releases the lock; the file stays (unlinking it would race with the next opener)
+
+
+def holds_lock(run_dir: Path) -> bool:
+    return Path(run_dir).resolve() in _held
+
+
+@contextlib.contextmanager
+def write_lock(folder: Path) -> Iterator[None]:
+    """Serialise replacing checkpoint files of ``folder`` between processes (training writing its epoch,
+    ``byot calibrate`` storing temperatures into a checkpoint of the same folder). Held for one write."""
+    if fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(Path(folder) / WRITE_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield  # a folder we cannot create files in: the write itself reports the problem
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """The files byot wrote into ``run_dir`` (never another program's), and its own sub-folders' files."""
+    found: list[Path] = []
+    for pattern in RUN_FILES:
+        found += [p for p in run_dir.glob(pattern) if p.is_file() or p.is_symlink()]
+    for folder, names in RUN_FOLDERS.items():
+        found += [run_dir / folder / n for n in names if (run_dir / folder / n).is_file()]
+    return sorted(set(found))
+
+
+def clear_run(run_dir: Path) -> list[Path]:
+    """``--overwrite``: remove every file of the old run (see ``run_files``); folders byot made are
+    removed when they are left empty. Call with the run lock held. Returns what was removed."""
+    removed = run_files(run_dir)
+    try:
+        for path in removed:
+            path.unlink()
+        for folder in RUN_FOLDERS:
+            if (run_dir / folder).is_dir() and not any((run_dir / folder).iterdir()):
+                (run_dir / folder).rmdir()
+    except OSError as e:
+        raise ByotError(f"--overwrite: cannot remove {e.filename} of the old run: {e.strerror or e}") from e
+    if removed:
+        log.info("--overwrite: removed %d file(s) of the earlier run in %s", len(removed), run_dir)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (one of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+__all__ = ["BEST", "LATEST", "LOCK_NAME", "METRICS", "PREVIOUS", "TEST_RESULT", "clear_run", "holds_lock", "pid_alive", "run_files", "run_lock", "write_lock"]
