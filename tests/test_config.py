@@ -28,7 +28,7 @@ def test_an_alias_bomb_is_refused_at_once(tmp_path):
     bomb.write_text(billion_laughs())
     assert bomb.stat().st_size < 500
     start = time.perf_counter()
-    with pytest.raises(ByotError, match=r"bomb.yaml .*aliases expand to more than 100,000"):
+    with pytest.raises(ByotError, match=r"bomb.yaml: its aliases expand to more than 100,000 values"):
         load_yaml(bomb)
     assert time.perf_counter() - start < 0.5
 
@@ -74,7 +74,7 @@ BAD = [("momentum", -5.0), ("momentum", 1.0), ("momentum", NAN), ("weight_decay"
        ("alpha", 1.5), ("alpha", -0.1), ("alpha", NAN), ("beta", -1.0), ("beta", INF),
        ("width", 0), ("width", 100000), ("image_size", 4), ("image_size", 5000), ("epochs", 0), ("epochs", 10**6),
        ("batch_size", 0), ("batch_size", 70000), ("workers", -1), ("workers", 1000), ("accum_steps", 0),
-       ("accum_steps", 2000), ("seed", -1), ("seed", 2**63), ("val_split", 1.0), ("val_split", -0.1),
+       ("accum_steps", 2000), ("seed", -1), ("seed", 2**32), ("val_split", 1.0), ("val_split", -0.1),
        ("val_split", NAN), ("print_freq", 0), ("skip_nonfinite", -1)]
 
 
@@ -97,10 +97,10 @@ def test_values_of_the_wrong_kind_are_refused(name, value):
 
 def test_the_bounds_themselves_and_lenient_spellings_are_accepted():
     cfg = build_config({}, {"momentum": 0.0, "alpha": 1.0, "beta": 0.0, "width": 1024, "image_size": 4096,
-                            "seed": 2**63 - 1, "val_split": 0.0, "workers": 0, "epochs": "3", "lr": "0.05",
+                            "seed": 2**32 - 1, "val_split": 0.0, "workers": 0, "epochs": "3", "lr": "0.05",
                             "distill": "off", "compile": 1, "batch_size": 64.0})
     assert (cfg.width, cfg.seed, cfg.epochs, cfg.lr, cfg.distill, cfg.compile, cfg.batch_size) == (
-        1024, 2**63 - 1, 3, 0.05, False, True, 64)
+        1024, 2**32 - 1, 3, 0.05, False, True, 64)
     assert build_config({}, {"image_size": None}).image_size is None
 
 
@@ -119,10 +119,13 @@ def test_other_commands_check_their_flags_with_the_same_table():
     assert math.isinf(RANGES["lr"].high)
 
 
-@pytest.mark.parametrize("flags", [["--momentum", "-5"], ["--width", "100000"], ["--lr", "nan"],
-                                   ["--weight-decay", "inf"], ["--workers", "100000"]], ids=lambda f: f[0])
+TINY = ["--dataset", "digits", "--image-size", "16", "--width", "4", "--epochs", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("flags", [["--momentum", "-5"], ["--lr", "nan"], ["--weight-decay", "inf"],
+                                   ["--workers", "100000"]], ids=lambda f: f[0])
 def test_bad_flags_stop_byot_train_with_one_line(tmp_path, capsys, flags):
-    code = main(["train", ARCH, "--dataset", "digits", "--save-folder", str(tmp_path), *flags])
+    code = main(["train", ARCH, *TINY, "--save-folder", str(tmp_path), *flags])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"byot: error: {flags[0]} must") and "\n" not in err
     assert not (tmp_path / ARCH).exists()  # refused before the run directory is made

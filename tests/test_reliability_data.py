@@ -299,6 +299,7 @@ def test_a_second_signal_or_a_killed_parent_leaves_no_worker(tmp_path, how):
     child, workers = _start_scan(tmp_path, "handled")
     if how == "second signal":  # byot's handler: the first raises Interrupted, the second ends at once
         os.killpg(child.pid, signal.SIGTERM)
+        time.sleep(0.05)  # two at once would reach the process as one
         os.killpg(child.pid, signal.SIGTERM)
     else:  # no cleanup at all can run: the workers must end on their own
         os.kill(child.pid, signal.SIGKILL)

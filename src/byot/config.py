@@ -4,6 +4,7 @@ written to the run directory and into every checkpoint."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -69,21 +70,76 @@ MODEL_FIELDS = ("arch", "width", "stem", "distill", "head", "dataset", "image_si
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of config fields (hyphens or underscores) with the safe loader."""
+YAML_NODE_LIMIT = 100_000  # values a YAML file may expand to; a config holds ~50 and a sweep a few hundred
+
+
+def load_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Read a YAML mapping of options (hyphens or underscores) with the safe loader.
+
+    The file must be UTF-8 text, and its aliases may not expand to more than ``YAML_NODE_LIMIT`` values:
+    a few hundred bytes of nested aliases (a "billion laughs" file) otherwise expand to billions of values
+    in whatever walks the result. ``what`` names the file in errors ("config", "sweep").
+    """
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        raw = Path(path).read_bytes()
     except OSError as e:
-        raise ByotError(f"cannot read config {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise ByotError(f"config {path} is not valid YAML: {detail}") from e
+        raise ByotError(f"cannot read {what} {path}: {e.strerror}") from e
+    data = _parse_yaml(_utf8_text(raw, f"{what} {path}"), f"{what} {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ByotError(f"config {path} must hold a mapping of options, not {type(data).__name__}")
+        raise ByotError(f"{what} {path} must hold a mapping of options, not {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _utf8_text(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # -sig: a byte-order mark some Windows editors write is no error
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ByotError(f"{source} is not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line}, column {column}; "
+                        "save it as UTF-8") from e
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """Compose the node graph (aliases stay shared references), bound its expanded size, then construct."""
+    loader = yaml.SafeLoader(text)  # the safe loader: a !!python/object tag is an error, never a call
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _expanded_size(node, {}, set(), source)
+        return loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ByotError(f"{source} is not valid YAML: {detail}") from e
+    except RecursionError as e:  # the composer and the walk recurse once per nesting level
+        raise ByotError(f"{source} nests its values too deeply to be an options file") from e
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int], source: str) -> int:
+    """How many values ``node`` becomes once every alias is copied out; memoised by node, so the walk is
+    linear in the file's node graph however far its aliases would expand."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise ByotError(f"{source}: an alias refers to itself (a value inside its own anchor); remove the loop")
+    open_nodes.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    size = 1 + sum(_expanded_size(child, sizes, open_nodes, source) for child in children)
+    open_nodes.discard(key)
+    if size > YAML_NODE_LIMIT:
+        raise ByotError(f"{source}: its aliases expand to more than {YAML_NODE_LIMIT:,} values (an alias bomb?); "
+                        "write the values out or use fewer nested aliases")
+    sizes[key] = size
+    return size
 
 
 def build_config(base: dict[str, Any], *overrides: dict[str, Any]) -> TrainConfig:
@@ -100,51 +156,122 @@ def build_config(base: dict[str, Any], *overrides: dict[str, Any]) -> TrainConfi
     return cfg
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _coerce(field: dataclasses.Field, value: Any) -> Any:
+    """``value`` as the field's type; a value of another kind (a list for a name, a word for a number,
+    true for a width) is an error rather than something Python happens to convert."""
     kind = str(field.type)
     if value is None:
         if "None" in kind:
             return None
         raise ByotError(f"option {field.name} cannot be empty")
     try:
-        if kind.startswith("bool"):
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if kind.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        return str(value)
+        return _convert(kind.split(" |")[0], value)
     except (TypeError, ValueError) as e:
-        raise ByotError(f"option {field.name}: cannot use {value!r} as {kind}") from e
+        raise ByotError(f"option {field.name}: cannot use {_short(value)} as {kind}") from e
+
+
+def _convert(kind: str, value: Any) -> Any:
+    if kind == "bool":
+        if isinstance(value, str) and value.lower() in (*_TRUE, *_FALSE):
+            return value.lower() in _TRUE
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        raise ValueError
+    if isinstance(value, (bool, list, dict)):  # YAML's yes/no, or a structure: never a number or a name
+        raise TypeError
+    if kind == "int":
+        if isinstance(value, float) and not value.is_integer():  # also NaN and inf
+            raise ValueError
+        return int(value)
+    return float(value) if kind == "float" else str(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)  # bounded: a value from a file may be long
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option may take: ``low`` to ``high``, each end included unless open.
+    NaN and infinity never pass, whatever the bounds."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.high != math.inf:
+            return (f"lie in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low == 0 and self.low_open:
+            return "be positive"
+        return f"be {'>' if self.low_open else '>='} {self.low:g}"
+
+
+# Every numeric option's range, in one table: build_config checks a whole config with it, and other
+# commands (byot bench) check their own flags of the same name with check_range.
+RANGES: dict[str, Range] = {
+    # The widest published ResNet (BiT's R152x4) has base width 256 (64 x 4); 1024 leaves 4x headroom and
+    # still refuses a typo such as 100000, whose last stage alone would need petabytes of weights.
+    "width": Range(1, 1024),
+    "image_size": Range(8, 4096),  # px; below 8 the stages' strides leave no pixel; 4096 is beyond any classifier
+    "val_split": Range(0, 1, high_open=True),  # share of each class; 1 would leave nothing to train on
+    "workers": Range(0, 256),  # decoding processes: more than any machine's cores is a typo
+    "epochs": Range(1, 100_000),
+    "batch_size": Range(1, 65_536),  # the largest published ImageNet batches are 64k
+    "lr": Range(0, low_open=True),
+    "momentum": Range(0, 1, high_open=True),  # at 1 no gradient is ever forgotten and the step grows unbounded
+    "weight_decay": Range(0),
+    "accum_steps": Range(1, 1024),
+    "skip_nonfinite": Range(0),
+    "temperature": Range(0, low_open=True),
+    "alpha": Range(0, 1),  # labels get 1 - alpha
+    "beta": Range(0),
+    # numpy's bound; it also keeps the data order's generator seed (seed * 1_000_003 + epoch, see
+    # byot.data.batches) inside torch's 64 bits, which a seed near 2**63 would overflow
+    "seed": Range(0, 2**32 - 1),
+    "print_freq": Range(1),
+}
+
+
+def check_range(name: str, value: float | None) -> None:
+    """Raise a ByotError naming the flag (``--batch-size``) when ``value`` lies outside ``RANGES[name]``;
+    None (an option left to its data set's default) passes."""
+    if value is None or RANGES[name].holds(value):
+        return
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ByotError(f"{flag} must be a finite number, not {value}")
+    raise ByotError(f"{flag} must {RANGES[name].describe()}, not {value!r}")
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "schedule": ("step", "cosine"),
+    "head": tuple(EXIT_HEADS),
+    "amp": ("auto", "bf16", "fp16", "off"),
+    "class_weights": ("none", "balanced"),
+}
 
 
 def _validate(cfg: TrainConfig) -> None:
-    checks = [
-        (cfg.epochs >= 1, "--epochs must be at least 1"),
-        (cfg.batch_size >= 1, "--batch-size must be at least 1"),
-        (cfg.lr > 0, "--lr must be positive"),
-        (0.0 <= cfg.alpha <= 1.0, "--alpha must lie in [0, 1]"),
-        (cfg.beta >= 0, "--beta must be >= 0"),
-        (cfg.temperature > 0, "--temperature must be positive"),
-        (cfg.width >= 1, "--width must be at least 1"),
-        (cfg.image_size is None or cfg.image_size >= 8, "--image-size must be at least 8"),
-        (cfg.schedule in ("step", "cosine"), "--schedule must be step or cosine"),
-        (cfg.head in EXIT_HEADS, f"--head must be one of {', '.join(EXIT_HEADS)}"),
-        (cfg.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
-        (cfg.workers >= 0, "--workers must be >= 0"),
-        (cfg.accum_steps >= 1, "--accum-steps must be at least 1"),
-        (cfg.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0"),
-        (0.0 <= cfg.val_split < 1.0, "--val-split must lie in [0, 1)"),
-        (cfg.class_weights in ("none", "balanced"), "--class-weights must be none or balanced"),
-        (cfg.print_freq >= 1, "--print-freq must be at least 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ByotError(message)
+    for name in RANGES:
+        check_range(name, getattr(cfg, name))
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            listed = ", ".join(allowed[:-1]) + " or " + allowed[-1]
+            raise ByotError(f"--{name.replace('_', '-')} must be {listed}, not {_short(getattr(cfg, name))}")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

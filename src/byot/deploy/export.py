@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,16 +66,29 @@ def export(net: ExitNetwork, fmt: str, out: Path, image_size: int, metadata: dic
     if fmt not in FORMATS:
         raise ByotError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     net = net.eval().cpu().float().to(memory_format=torch.contiguous_format)
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(metadata)
+    # written under a temporary name beside ``out`` and renamed once complete and checked: a failed
+    # export (a full disk, an exporter error) leaves an existing ``out`` as it was and no partial file
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = _export_to(net, fmt, tmp, image_size, text)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ByotError(f"cannot write --out {out}: {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(out), "format": fmt, "bytes": out.stat().st_size, **result}
+
+
+def _export_to(net: ExitNetwork, fmt: str, path: Path, image_size: int, text: str) -> dict[str, Any]:
     example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     if fmt == "safetensors":
-        _export_safetensors(net, out, text)
-        return {"path": str(out), "format": fmt, "bytes": out.stat().st_size}
-    run = _export_onnx(net, out, example, text) if fmt == "onnx" else _export_torchscript(net, out, example, text)
+        _export_safetensors(net, path, text)
+        return {}
+    run = _export_onnx(net, path, example, text) if fmt == "onnx" else _export_torchscript(net, path, example, text)
     check = torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))  # another batch size
-    return {"path": str(out), "format": fmt, "bytes": out.stat().st_size,
-            "max_abs_diff": max_abs_diff(net, run, check)}
+    return {"max_abs_diff": max_abs_diff(net, run, check)}
 
 
 def max_abs_diff(net: ExitNetwork, run: Any, images: torch.Tensor) -> float:

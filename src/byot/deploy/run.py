@@ -7,6 +7,7 @@ thresholds) only ever reads the validation hold-out; the test split is only scor
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.export import ExitNetwork, export
 from byot.deploy.plots import write_curve
 from byot.deploy.policy import NEVER, ExitPolicy, exit_flops, fit_thresholds, policy_stats, sweep
-from byot.engine.checkpoint import update_checkpoint
+from byot.engine.checkpoint import DIGEST, update_checkpoint
 from byot.engine.cost import exit_costs
 from byot.engine.evaluate import collect_logits
 from byot.engine.run import build_trained, load_data, resolve_device
@@ -86,7 +87,7 @@ def calibrate(cfg: TrainConfig, checkpoint: dict) -> dict[str, Any]:
     test_logits, test_targets = collect_logits(model, data.test, runtime)
     entry = {"temperatures": temperatures, "split": "val", "val_split": cfg.val_split,
              "num_images": len(val_targets), "byot_version": __version__}
-    update_checkpoint(path, {"calibration": entry})
+    update_checkpoint(path, {"calibration": entry}, fitted_on=checkpoint.get(DIGEST))
     log.info("stored temperatures %s in %s", ", ".join(f"{t:.3f}" for t in temperatures), path)
     return {"checkpoint": str(path), "temperatures": temperatures, "num_val_images": len(val_targets),
             "num_test_images": len(test_targets),
@@ -153,7 +154,8 @@ def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: 
                             "val_reference_top1": policy_stats(val_logits, val_targets, costs, ExitPolicy(
                                 tuple([NEVER] * len(policy.thresholds)), temperatures, final))["top1"],
                             "test": _scored(test_logits, test_targets, policy, costs)}
-        update_checkpoint(path, {"early_exit": {**policy.to_dict(), "criterion": criterion, "fitted_on": "val"}})
+        update_checkpoint(path, {"early_exit": {**policy.to_dict(), "criterion": criterion, "fitted_on": "val"}},
+                          fitted_on=checkpoint.get(DIGEST))
         log.info("stored the fitted thresholds in %s (byot predict uses them)", path)
     elif thresholds:
         policy = resolve_policy(checkpoint, model.num_exits, thresholds, final, use_calibration)
@@ -229,8 +231,11 @@ def resize_ratio(dataset: str) -> float:
     return RESIZE_RATIO if dataset == "imagefolder" else 1.0
 
 
-def export_checkpoint(cfg: TrainConfig, checkpoint: dict, exit_arg: str, fmt: str, out: Path) -> dict[str, Any]:
-    """Write exit ``exit_arg`` ("1".."4" or "all") of the checkpoint's model as one standalone file."""
+def export_checkpoint(cfg: TrainConfig, checkpoint: dict, exit_arg: str, fmt: str, out: Path,
+                      force: bool = False) -> dict[str, Any]:
+    """Write exit ``exit_arg`` ("1".."4" or "all") of the checkpoint's model as one standalone file.
+    An existing ``out`` is refused unless ``force``; the checkpoint itself never."""
+    check_output(out, force, _checkpoint_path(cfg))
     model, _ = build_trained(cfg, checkpoint, torch.device("cpu"))
     exits = list(model.exit_stages) if exit_arg == "all" else [_exit_number(exit_arg)]
     mean, std = NORMALIZATION[cfg.dataset]
@@ -245,6 +250,23 @@ def export_checkpoint(cfg: TrainConfig, checkpoint: dict, exit_arg: str, fmt: st
                          f"{round(size / resize_ratio(cfg.dataset))} px, centre {size}x{size} crop, divided by 255",
                 "temperatures": [temperatures[p] for p in position] if temperatures else None}
     return {**export(net, fmt, out, size, metadata), "exits": net.exit_numbers, "metadata": metadata}
+
+
+def check_output(out: Path, force: bool, source: Path) -> None:
+    """Refuse, before any work, an output path that would replace the input, an existing file without
+    ``force``, a folder, or a place that cannot be created."""
+    out = out.expanduser()
+    if out.exists() and source.exists() and os.path.samefile(out, source):
+        raise ByotError(f"--out {out} is the checkpoint being exported; choose another file name")
+    if out.is_dir():
+        raise ByotError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}")
+    if out.exists() and not force:
+        raise ByotError(f"--out {out} exists; add --force to replace it, or choose another file name")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ByotError(f"cannot create --out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ByotError(f"cannot write --out {out}: no permission to write in {parent}")
 
 
 def _exit_number(text: str) -> int:

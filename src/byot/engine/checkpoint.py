@@ -17,7 +17,7 @@ import torch
 from byot import __version__
 from byot.engine.faults import fault_point, reached
 from byot.engine.rundir import pid_alive, write_lock
-from byot.errors import ByotError
+from byot.errors import ByotError, describe_os_error
 
 FORMAT_PREFIX = "byot-checkpoint-"
 FORMAT = FORMAT_PREFIX + "v1"  # raised when the layout of a checkpoint changes incompatibly
@@ -36,13 +36,6 @@ def save_checkpoint(state: dict[str, Any], path: Path, previous: Path | None = N
         raise ByotError(f"could not write checkpoint {path}: {describe_os_error(e)}") from e
     with write_lock(path.parent):
         _save_locked(state, path, previous)
-
-
-def describe_os_error(e: OSError) -> str:
-    """A write error in words a user acts on (the caller names the file): a full disk says so."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "no space left on the device; free some space or choose another --save-folder"
-    return str(e.strerror or e)
 
 
 class _RecordingFile:

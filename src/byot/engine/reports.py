@@ -117,7 +117,8 @@ def write_confusion(
         raise ByotError(f"cannot create report folder {out_dir}: {e.strerror or e}") from e
     csv_path = out_dir / f"confusion_exit{exit_id}.csv"
     png_path = out_dir / f"confusion_exit{exit_id}.png"
-    _write_atomically(csv_path, _confusion_csv(counts, classes).encode("utf-8"))
+    # surrogateescape: a folder name that is not valid UTF-8 is written back as the bytes it was
+    _write_atomically(csv_path, _confusion_csv(counts, classes).encode("utf-8", "surrogateescape"))
     _write_atomically(png_path, _confusion_png(counts, classes, exit_id))
     logger.debug("wrote %s and %s", csv_path, png_path)
     return csv_path, png_path
@@ -144,7 +145,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _plot_label(name: str) -> str:
-    """A class name as a tick label: cut to PLOT_LABEL_MAX_CHARS, "$" escaped so it is not mathtext."""
+    """A class name as a tick label: cut to PLOT_LABEL_MAX_CHARS, "$" escaped so it is not mathtext, bytes
+    that are not UTF-8 shown escaped (a font has no glyph for them)."""
+    name = name.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(name) > PLOT_LABEL_MAX_CHARS:
         name = name[: PLOT_LABEL_MAX_CHARS - 1] + "\u2026"
     return name.replace("$", r"\$")

@@ -20,7 +20,6 @@ from byot.config import TrainConfig, build_config, check_model_options, config_t
 from byot.data import NORMALIZATION, DataBundle, Shard, build_data
 from byot.data.batches import ONE_PROCESS
 from byot.engine.checkpoint import (
-    describe_os_error,
     load_checkpoint,
     remove_stale_temporaries,
     restore_rng_state,
@@ -54,7 +53,7 @@ from byot.engine.runtime import (
 )
 from byot.engine.signals import critical_section
 from byot.engine.train import NonFiniteGuard, lr_at, train_one_epoch
-from byot.errors import ByotError
+from byot.errors import ByotError, describe_os_error
 from byot.losses import SelfDistillLoss
 from byot.models import MultiExitResNet, create_model
 from byot.models.pretrained import describe_load, load_pretrained

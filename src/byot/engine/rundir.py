@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from byot.errors import ByotError
+from byot.errors import ByotError, describe_os_error
 
 try:
     import fcntl
@@ -46,8 +46,7 @@ def _open_lock_file(path: Path) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise ByotError(f"cannot write to the run directory {path.parent}: {e.strerror or e}; choose another "
-                        "--save-folder") from e
+        raise ByotError(f"cannot write to the run directory {path.parent}: {describe_os_error(e)}") from e
 
 
 def _holder(fd: int) -> str:
@@ -79,8 +78,12 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             os.close(fd)
             raise ByotError(f"{run_dir} is in use by another byot process (PID {holder}); wait for it to end or "
                             "stop it, or choose another --save-folder") from e
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise ByotError(f"cannot write to the run directory {run_dir}: {describe_os_error(e)}") from e
     _held[key] = [fd, 1]
     try:
         yield
