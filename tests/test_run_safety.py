@@ -54,7 +54,7 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_naming_the_first(
     # kill -9 released the lock with the process: a new process takes the run over at once
     proc = byot_train(tmp_path, "--epochs", "1000", "--resume", "auto", "--print-freq", "1", wait=False)
     try:
-        _wait_for(run / "log_train.txt", "--resume auto: continuing from", proc)
+        _wait_for(run / "log_train.txt", "resumed from", proc)
     finally:
         proc.kill()
         proc.wait()

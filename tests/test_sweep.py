@@ -287,10 +287,12 @@ def _signal_when(path: Path, signum: int, then: Path | None = None) -> threading
 
 
 def stubborn_child(tmp_path: Path) -> list[str]:
-    """A child that notes its PID and every SIGTERM it gets, and does not stop for one."""
+    """A child that notes its PID and session and every SIGINT or SIGTERM it gets, and stops for none."""
     code = (f"import os, signal, time, pathlib\n"
             f"d = pathlib.Path({str(tmp_path)!r})\n"
-            f"signal.signal(signal.SIGTERM, lambda *a: (d / 'got').write_text('x'))\n"
+            f"for s in (signal.SIGINT, signal.SIGTERM):\n"
+            f"    signal.signal(s, lambda n, f: (d / 'got').write_text(str(n)))\n"
+            f"(d / 'session').write_text(str(os.getsid(0)))\n"
             f"(d / 'pid').write_text(str(os.getpid()))\n"
             f"time.sleep(120)\n")
     return [sys.executable, "-c", code]
@@ -302,18 +304,20 @@ def test_a_child_that_does_not_stop_is_killed_after_the_grace_time(tmp_path, mon
     start = time.monotonic()
     with pytest.raises(SystemExit) as stopped:
         _run_child(stubborn_child(tmp_path), tmp_path / "sweep.log")
-    assert stopped.value.code == 143 and (tmp_path / "got").exists()  # forwarded, then waited for
-    assert 1.0 <= time.monotonic() - start < 10 and not _alive(int((tmp_path / "pid").read_text()))
+    assert stopped.value.code == 143 and (tmp_path / "got").read_text() == str(int(signal.SIGTERM))  # forwarded
+    assert 1.0 <= time.monotonic() - start < 10  # waited for, then killed
+    pid = int((tmp_path / "pid").read_text())
+    assert not _alive(pid) and int((tmp_path / "session").read_text()) == pid  # its own session
 
 
 def test_a_second_signal_kills_the_child_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, "CHILD_STOP_SECONDS", 60.0)
-    _signal_when(tmp_path / "pid", signal.SIGINT, then=tmp_path / "pid")
+    _signal_when(tmp_path / "pid", signal.SIGINT, then=tmp_path / "got")  # the second after the first arrived
     start = time.monotonic()
     with pytest.raises(SystemExit) as stopped:
         _run_child(stubborn_child(tmp_path), tmp_path / "sweep.log")
-    assert stopped.value.code == 130 and time.monotonic() - start < 10  # not the 60 s grace time
-    assert not _alive(int((tmp_path / "pid").read_text()))
+    assert stopped.value.code == 130 and (tmp_path / "got").read_text() == str(int(signal.SIGINT))
+    assert time.monotonic() - start < 10 and not _alive(int((tmp_path / "pid").read_text()))  # not 60 s
 
 
 def test_sigterm_stops_the_sweep_and_its_training_child_together(tmp_path):

@@ -14,7 +14,21 @@ A sweep file:
       - {name: full BYOT, options: {}}
 
 ``base`` and ``options`` take the names of ``byot train``'s options (as in ``--config``); a row's options
-override the base. Every row runs with the same budget unless its options change it.
+override the base. Every row runs with the same budget unless its options change it. The file's shape is
+checked against ``SWEEP_KEYS`` and ``ROW_KEYS``, and every row's options as a training config, before
+anything runs.
+
+A run is kept, or resumed, only when it was trained with the options its row asks for now: the
+``config.yaml`` each run writes at its start is compared, field by field, with the config the sweep would
+give its ``byot train`` child. Fields in ``UNCOMPARED`` change neither what is learned nor what is measured
+and are ignored; ``data_dir`` is compared as the absolute folder it names (a relative one resolved against
+the working directory, as the child resolves it); fields a run's config.yaml lacks (an older byot) count as
+their defaults. A run whose options differ, or that left files but no readable config.yaml, is redone from
+scratch (``byot train --overwrite``), never resumed: continuing it with other options (more epochs
+included, which moves the step schedule's milestones) would mix two configurations in one result.
+
+SIGINT and SIGTERM while a run trains are forwarded to it once; the sweep waits for it to save and stop
+(at most ``CHILD_STOP_SECONDS``, then kills it) and exits 130 / 143; rerunning the sweep continues.
 """
 
 from __future__ import annotations
@@ -22,24 +36,35 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import yaml
 
-from byot.config import FIELD_NAMES, build_config, load_yaml
-from byot.engine.run import LATEST, read_metrics, read_test_result
+from byot.config import FIELD_NAMES, RANGES, TrainConfig, build_config, load_yaml
+from byot.engine.run import read_metrics, read_test_result
+from byot.engine.rundir import LATEST, PREVIOUS, run_files
+from byot.engine.signals import HANDLED
 from byot.errors import ByotError
 
 log = logging.getLogger("byot")
 
 RESULT_FILES = ("results.json", "results.md")
-CHILD_STOP_SECONDS = 60  # after Ctrl-C, how long a run may take to stop by itself before it is terminated
+OPTIONS_FILE = "sweep_options.yaml"  # in each run root: the --config its byot train child reads
+CHILD_STOP_SECONDS = 60.0  # after a first signal, how long a run may take to save and stop before it is killed
+# TrainConfig fields that change neither what a run learns nor what it measures: a stored run that differs
+# from its row only in these is kept. save_folder: the runs may have moved with the sweep's --runs-dir.
+UNCOMPARED = ("resume", "progress", "print_freq", "workers", "device", "save_folder", "download")
 
 
 @dataclass(frozen=True)
@@ -65,6 +90,10 @@ class Sweep:
     def options(self, row: Row, seed: int) -> dict[str, Any]:
         return {**self.base, **row.options, "seed": seed}
 
+    def config(self, row: Row, seed: int) -> TrainConfig:
+        """The config the run's ``byot train`` child resolves (bar resume and progress)."""
+        return build_config({}, {**self.options(row, seed), "save_folder": str(self.run_root(row, seed))})
+
 
 @dataclass
 class RunStatus:
@@ -81,115 +110,328 @@ def slug(name: str) -> str:
     """A row name as a folder name: lower case, runs of other characters as one '-'."""
     text = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     if not text:
-        raise ByotError(f"row name {name!r} has no letters or digits to name its folder")
+        raise ByotError(f"name {name!r} has no letters or digits to name its folder; add some")
     return text
+
+
+# --- the sweep file's shape ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Key:
+    """One key of a sweep file: what its value must be (said in the error, with an example) and the test."""
+
+    must_be: str
+    example: str
+    valid: Callable[[Any], bool]
+    required: bool = False
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _mapping(value: Any) -> bool:
+    return value is None or isinstance(value, dict)  # an empty `base:` is no options
+
+
+def _seeds(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value) and len(set(value)) == len(value)
+            and all(isinstance(s, int) and not isinstance(s, bool) and RANGES["seed"].holds(s) for s in value))
+
+
+def _rows(value: Any) -> bool:
+    return isinstance(value, list) and bool(value)
+
+
+OPTIONS = "a mapping of byot train options"
+SWEEP_KEYS = {
+    "name": Key("a non-empty string", "cifar100_ablation", _text, required=True),
+    "out": Key("a folder path", "experiments/results/cifar100_ablation", _text),
+    "runs_dir": Key("a folder path", "runs/sweeps/cifar100_ablation", _text),
+    "seeds": Key(f"a non-empty list of distinct integers in [0, {RANGES['seed'].high:.0f}]", "[0, 1]", _seeds),
+    "base": Key(OPTIONS, "{arch: multi_resnet18_kd, epochs: 15}", _mapping),
+    "rows": Key("a non-empty list of rows", "[{name: full BYOT, options: {}}]", _rows, required=True),
+}
+ROW_KEYS = {
+    "name": Key("a non-empty string", "{name: plain backbone, options: {distill: false}}", _text, required=True),
+    "options": Key(OPTIONS, "{distill: false}", _mapping),
+}
+
+
+def check_shape(where: str, data: Any, schema: dict[str, Key]) -> None:
+    """Raise one ByotError line for the first thing in ``data`` that ``schema`` does not allow."""
+    if not isinstance(data, dict):
+        raise ByotError(f"{where} must be a mapping of {', '.join(schema)}, not {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in schema)
+    if unknown:
+        raise ByotError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(schema)}")
+    for key, spec in schema.items():
+        if key not in data:
+            if spec.required:
+                raise ByotError(f"{where} needs {key}: {spec.must_be}, e.g. {spec.example}")
+        elif not spec.valid(data[key]):
+            raise ByotError(f"{where}: {key} must be {spec.must_be}, e.g. {spec.example}")
+
+
+def _option_names(options: dict[Any, Any] | None) -> dict[str, Any]:
+    return {str(k).replace("-", "_"): v for k, v in (options or {}).items()}
+
+
+def _row(where: str, item: Any) -> Row:
+    if isinstance(item, dict):
+        item = _option_names(item)  # the row's own keys may be spelled with hyphens too
+    check_shape(where, item, ROW_KEYS)
+    return Row(item["name"], _option_names(item.get("options")))
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
     """Read and check a sweep file; ``overrides`` (e.g. {"data_dir": ...}) replace base options."""
-    raw = load_yaml(path)
-    unknown = sorted(set(raw) - {"name", "out", "runs_dir", "seeds", "base", "rows"})
-    if unknown:
-        raise ByotError(f"sweep {path}: unknown key(s) {', '.join(unknown)}")
-    for key in ("name", "rows"):
-        if key not in raw:
-            raise ByotError(f"sweep {path} needs '{key}'")
-    base = {str(k).replace("-", "_"): v for k, v in (raw.get("base") or {}).items()}
-    base.update(overrides or {})
-    rows = []
-    for i, item in enumerate(raw["rows"]):
-        if not isinstance(item, dict) or "name" not in item:
-            raise ByotError(f"sweep {path}: row {i + 1} needs a name (and optionally options)")
-        options = {str(k).replace("-", "_"): v for k, v in (item.get("options") or {}).items()}
-        rows.append(Row(str(item["name"]), options))
+    where = f"sweep {path}"
+    raw = load_yaml(path, what="sweep")
+    check_shape(where, raw, SWEEP_KEYS)
+    rows = tuple(_row(f"{where}, row {i}", item) for i, item in enumerate(raw["rows"], start=1))
     names = [slug(r.name) for r in rows]
     if len(set(names)) != len(names):
-        raise ByotError(f"sweep {path}: row names must differ (as folder names: {', '.join(names)})")
-    seeds = tuple(int(s) for s in raw.get("seeds", [0]))
-    sweep = Sweep(str(raw["name"]), Path(raw.get("out", f"experiments/results/{slug(str(raw['name']))}")),
-                  Path(raw.get("runs_dir", f"runs/sweeps/{slug(str(raw['name']))}")), seeds, base, tuple(rows),
-                  str(path))
+        raise ByotError(f"{where}: row names must differ (as folder names: {', '.join(names)})")
+    name = raw["name"]
+    out = raw.get("out") or f"experiments/results/{slug(name)}"
+    runs_dir = raw.get("runs_dir") or f"runs/sweeps/{slug(name)}"
+    base = {**_option_names(raw.get("base")), **(overrides or {})}
+    sweep = Sweep(name, Path(out), Path(runs_dir), tuple(raw.get("seeds", [0])), base, rows, str(path))
     for row in sweep.rows:  # every combination must be a valid training config before anything starts
-        options = sweep.options(row, seeds[0])
-        bad = sorted(set(options) - set(FIELD_NAMES))
-        if bad:
-            raise ByotError(f"sweep {path}, row {row.name!r}: unknown option(s) {', '.join(bad)}")
-        build_config({}, options)
+        try:
+            sweep.config(row, sweep.seeds[0])
+        except ByotError as e:
+            raise ByotError(f"{where}, row {row.name!r}: {e}") from e
     return sweep
 
 
-def finished(run_dir: Path, epochs: int, val_split: float) -> dict[str, Any] | None:
-    """The test result of a run that is complete, else None.
+# --- is a stored run the one the row asks for? ----------------------------------------------------------
+
+def stored_config(run_dir: Path) -> TrainConfig | None:
+    """The config a run wrote at its start (config.yaml), or None when it is missing or unreadable."""
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        saved = load_yaml(run_dir / "config.yaml")
+        return build_config({}, {k: v for k, v in saved.items() if k in FIELD_NAMES})  # not num_classes etc.
+    except ByotError as e:
+        log.debug("%s: %s", run_dir / "config.yaml", e)
+        return None
+
+
+def _comparable(name: str, value: Any) -> Any:
+    if name == "data_dir" and value is not None:
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def config_changes(wanted: TrainConfig, run_dir: Path) -> list[str] | None:
+    """The compared fields in which the run stored in ``run_dir`` differs from ``wanted``, as
+    "name old -> new"; None when the run has no readable config.yaml."""
+    stored = stored_config(run_dir)
+    if stored is None:
+        return None
+    changes = []
+    for name in FIELD_NAMES:
+        old, new = (_comparable(name, getattr(c, name)) for c in (stored, wanted))
+        if name not in UNCOMPARED and old != new:
+            changes.append(f"{name} {old} -> {new}")
+    return changes
+
+
+def finished(run_dir: Path, wanted: TrainConfig) -> dict[str, Any] | None:
+    """The test result of a run that is complete and was trained with ``wanted``'s options, else None.
 
     With a validation split that is test_result.json (the one test evaluation of model_best); without,
     the last epoch's test-split record of metrics.jsonl.
     """
-    records = read_metrics(run_dir)
-    if not records or records[-1].get("epoch") != epochs:  # unfinished, or the sweep file now asks for more
+    if config_changes(wanted, run_dir) != []:
         return None
-    if val_split > 0:
+    records = read_metrics(run_dir)
+    if not records or records[-1].get("epoch") != wanted.epochs:  # unfinished
+        return None
+    if wanted.val_split > 0:
         return read_test_result(run_dir)
-    return {"epoch": epochs, "exits": records[-1]["exits"], "ensemble": records[-1]["ensemble"],
-            "selected_on": "last epoch"}
+    last = records[-1]
+    if "exits" not in last or "ensemble" not in last:
+        return None
+    return {"epoch": wanted.epochs, "exits": last["exits"], "ensemble": last["ensemble"], "selected_on": "last epoch"}
 
+
+@dataclass(frozen=True)
+class Plan:
+    action: str  # "keep" (finished with these options), "continue" (resume or start), "redo" (from scratch)
+    why: str = ""  # for "redo": what differs
+    result: dict[str, Any] | None = None  # for "keep"
+
+
+def plan_run(run_dir: Path, wanted: TrainConfig) -> Plan:
+    """What the sweep does with one run directory."""
+    changes = config_changes(wanted, run_dir)
+    if changes is None:
+        # files of a run without its config: nothing says which options made them
+        return Plan("redo", "no readable config.yaml") if run_files(run_dir) else Plan("continue")
+    if changes:
+        return Plan("redo", f"options changed ({'; '.join(changes)})")
+    result = finished(run_dir, wanted)
+    return Plan("keep", result=result) if result is not None else Plan("continue")
+
+
+# --- running the sweep -------------------------------------------------------------------------------------
 
 def run_sweep(sweep: Sweep, dry_run: bool = False) -> list[RunStatus]:
-    """Train every (row, seed) not yet finished, one ``byot train`` process at a time."""
+    """Train every (row, seed) not yet finished with its options, one ``byot train`` process at a time;
+    ``dry_run``: say what would run, and write nothing."""
     statuses = []
     todo = [(row, seed) for row in sweep.rows for seed in sweep.seeds]
     for i, (row, seed) in enumerate(todo, start=1):
-        options = sweep.options(row, seed)
-        cfg = build_config({}, options)
-        root = sweep.run_root(row, seed)
-        run_dir = root / cfg.arch
-        done = finished(run_dir, cfg.epochs, cfg.val_split)
-        if done is not None:
-            log.info("[%d/%d] %s, seed %d: finished before, kept", i, len(todo), row.name, seed)
-            statuses.append(RunStatus(row.name, seed, run_dir, "done", _train_seconds(run_dir), result=done))
+        root, wanted = sweep.run_root(row, seed), sweep.config(row, seed)
+        plan = plan_run(wanted.run_dir, wanted)
+        label = f"[{i}/{len(todo)}] {row.name}, seed {seed}"
+        if plan.action == "keep":
+            log.info("%s: finished before with the same options, kept", label)
+            statuses.append(RunStatus(row.name, seed, wanted.run_dir, "done", _train_seconds(wanted.run_dir),
+                                      result=plan.result or {}))
             continue
-        command = _command(cfg.arch, options, root)
+        command = child_command(wanted.arch, root, redo=plan.action == "redo")
         if dry_run:
-            statuses.append(RunStatus(row.name, seed, run_dir, "planned", detail=" ".join(command)))
+            detail = " ".join(command) if plan.action != "redo" else f"{plan.why}: would redo: {' '.join(command)}"
+            statuses.append(RunStatus(row.name, seed, wanted.run_dir, "planned", detail=detail))
             continue
-        log.info("[%d/%d] %s, seed %d: %s (log: %s)", i, len(todo), row.name, seed,
-                 "resuming" if (run_dir / LATEST).exists() else "starting", root / "sweep.log")
-        statuses.append(_train(row.name, seed, run_dir, command, root, cfg.epochs, cfg.val_split))
+        log.info("%s: %s (log: %s)", label, _doing(plan, wanted.run_dir), root / "sweep.log")
+        write_options(root, sweep.options(row, seed))
+        statuses.append(_train(row.name, seed, wanted, command, root))
     return statuses
 
 
-def _command(arch: str, options: dict[str, Any], root: Path) -> list[str]:
-    root.mkdir(parents=True, exist_ok=True)
-    config = root / "sweep_options.yaml"
-    config.write_text(yaml.safe_dump({k: v for k, v in options.items() if k != "arch"}, sort_keys=False))
-    return [sys.executable, "-m", "byot", "train", arch, "--config", str(config), "--save-folder", str(root),
-            "--resume", "auto", "--no-progress"]
+def _doing(plan: Plan, run_dir: Path) -> str:
+    if plan.action == "redo":
+        return f"{plan.why}: redoing from scratch"
+    return "resuming" if (run_dir / LATEST).exists() or (run_dir / PREVIOUS).exists() else "starting"
 
 
-def _train(row: str, seed: int, run_dir: Path, command: list[str], root: Path, epochs: int,
-           val_split: float) -> RunStatus:
+def child_command(arch: str, root: Path, redo: bool) -> list[str]:
+    """The ``byot train`` command of one run; it reads its options from ``root / OPTIONS_FILE``.
+    ``redo``: the run directory's old run is removed first (--overwrite) instead of continued."""
+    start = ["--overwrite"] if redo else ["--resume", "auto"]
+    return [sys.executable, "-m", "byot", "train", arch, "--config", str(root / OPTIONS_FILE),
+            "--save-folder", str(root), *start, "--no-progress"]
+
+
+def write_options(root: Path, options: dict[str, Any]) -> None:
+    """The options file ``child_command`` points at (arch travels as the command's argument)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / OPTIONS_FILE).write_text(yaml.safe_dump({k: v for k, v in options.items() if k != "arch"},
+                                                         sort_keys=False))
+    except OSError as e:
+        raise ByotError(f"cannot write {root / OPTIONS_FILE}: {e.strerror or e}; choose another --runs-dir") from e
+
+
+def _train(row: str, seed: int, wanted: TrainConfig, command: list[str], root: Path) -> RunStatus:
+    """Run one child; it is done only if it exited 0 and left a finished run with ``wanted``'s options."""
     start = time.perf_counter()
-    with open(root / "sweep.log", "a") as logfile:
+    code = _run_child(command, root / "sweep.log")
+    seconds = time.perf_counter() - start
+    result = finished(wanted.run_dir, wanted)
+    if code != 0 or result is None:
+        tail = (root / "sweep.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        detail = tail[0] if code != 0 else f"exited 0 but left no finished run: {tail[0]}"
+        log.warning("%s, seed %d failed (exit code %d): %s", row, seed, code, detail)
+        return RunStatus(row, seed, wanted.run_dir, "failed", seconds, detail=detail)
+    log.info("%s, seed %d: done in %.0f s", row, seed, seconds)
+    return RunStatus(row, seed, wanted.run_dir, "done", _train_seconds(wanted.run_dir), result=result)
+
+
+# --- one child process, and the signals that stop it ---------------------------------------------------
+
+class SweepInterrupted(SystemExit):
+    """SIGINT or SIGTERM stopped the sweep. A SystemExit whose code is the shell's 128 + signal number
+    (130, 143), so that the process exits with it whether or not a caller catches it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+class _ChildStopper:
+    """SIGINT and SIGTERM handlers for as long as one child runs: the first signal is forwarded to the
+    child once, which then has ``CHILD_STOP_SECONDS`` to save its epoch and stop; a second signal, or the
+    end of that time, kills the child's whole process group (its DataLoader workers too)."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.proc: subprocess.Popen | None = None
+        self.deadline = math.inf
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {s: signal.signal(s, self._on_signal) for s in HANDLED}
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if self.proc is not None and self.proc.poll() is None:  # an error in the sweep: no orphan either
+            self._kill()
+            self.proc.wait()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        self._act()
+
+    def _act(self) -> None:
+        if self.proc is None or not self.received:
+            return  # the child is not started yet: watch() acts on what came
+        if len(self.received) == 1 and self.deadline == math.inf:
+            self.deadline = time.monotonic() + CHILD_STOP_SECONDS
+            self.proc.send_signal(self.received[0])
+        elif len(self.received) > 1:
+            self._kill()
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the child leads its own process group
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def watch(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self._act()
+
+    def wait(self) -> int:
+        assert self.proc is not None
+        while True:
+            try:
+                return self.proc.wait(timeout=0.2)  # short: notice the deadline of a signal that came
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > self.deadline:
+                    log.warning("the run did not stop within %.0f s of the signal; killing it", CHILD_STOP_SECONDS)
+                    self._kill()
+                    self.deadline = math.inf  # the kill is sent once; wait for it to take effect
+
+
+def _run_child(command: list[str], log_path: Path) -> int:
+    """Run ``command`` with its output appended to ``log_path``; its exit code. A signal to the sweep
+    stops the child first, then raises SweepInterrupted."""
+    with open(log_path, "a") as logfile:
         logfile.write(f"\n$ {' '.join(command)}\n")
         logfile.flush()
-        proc = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT)
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:
-            # the terminal's Ctrl-C reached the child too: let it finish its checkpoint write and stop
-            try:
-                proc.wait(timeout=CHILD_STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                proc.wait()
-            raise
-    seconds = time.perf_counter() - start
-    result = finished(run_dir, epochs, val_split)
-    if code != 0 or result is None:
-        tail = (root / "sweep.log").read_text().strip().splitlines()[-1:] or [""]
-        log.warning("%s, seed %d failed (exit code %d): %s", row, seed, code, tail[0])
-        return RunStatus(row, seed, run_dir, "failed", seconds, detail=tail[0])
-    log.info("%s, seed %d: done in %.0f s", row, seed, seconds)
-    return RunStatus(row, seed, run_dir, "done", _train_seconds(run_dir), result=result)
+        stopper = _ChildStopper()
+        with stopper:
+            # its own session: a terminal's Ctrl-C, sent to the foreground process group, reaches the sweep
+            # alone, which forwards it once; the child never gets two signals from one keypress
+            proc = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+            stopper.watch(proc)
+            code = stopper.wait()
+    if stopper.received:
+        name = signal.Signals(stopper.received[0]).name
+        log.warning("byot sweep: interrupted (%s); the run in progress stopped at its last saved epoch; "
+                    "rerun the sweep to continue", name)
+        raise SweepInterrupted(stopper.received[0])
+    return code
 
 
 def _train_seconds(run_dir: Path) -> float:
