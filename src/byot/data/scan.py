@@ -27,6 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from byot.data.folder import FolderIndex, index_folder
+from byot.engine.rundir import pid_alive
 from byot.engine.signals import ignore_handled_signals
 from byot.errors import ByotError
 
@@ -97,18 +98,8 @@ def _start_worker(parent: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # no prctl in this C library: the main process's teardown still runs
         return
-    if os.getppid() != parent and not _exists(parent):  # it died before prctl took effect
+    if os.getppid() != parent and not pid_alive(parent):  # it died before prctl took effect
         os._exit(1)
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as someone else's
-        pass
-    return True
 
 
 def _kill(pool: ProcessPoolExecutor) -> None:
