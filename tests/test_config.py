@@ -47,6 +47,13 @@ def test_an_alias_to_itself_is_refused(tmp_path):
         load_yaml(path)
 
 
+def test_values_nested_too_deeply_are_one_error_not_a_recursion_traceback(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("width: " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(ByotError, match="deep.yaml nests its values too deeply"):
+        load_yaml(path)
+
+
 def test_a_non_utf8_byte_names_the_file_and_where(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("epochs: 3\ndata_dir: /data/caf\xe9\n".encode("latin-1"))
@@ -93,6 +100,15 @@ WRONG_KIND = [("epochs", INF), ("epochs", NAN), ("width", True), ("lr", False), 
 def test_values_of_the_wrong_kind_are_refused(name, value):
     with pytest.raises(ByotError, match=f"option {name}: cannot use"):
         build_config({}, {name: value})
+
+
+def test_a_yaml_word_read_as_a_boolean_says_to_quote_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("amp: off\n")
+    with pytest.raises(ByotError, match="option amp: cannot use False as str; YAML reads on/off"):
+        build_config({}, load_yaml(path))
+    path.write_text("amp: 'off'\n")
+    assert build_config({}, load_yaml(path)).amp == "off"
 
 
 def test_the_bounds_themselves_and_lenient_spellings_are_accepted():

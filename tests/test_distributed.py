@@ -51,7 +51,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_two_processes_take_the_steps_one_process_takes(runs):
     one, two = step_losses(runs["one"]), step_losses(runs["two"])
     assert len(one) == len(two) == 18  # the global batch of 64 is the batch: 18 steps either way
-    assert two[:5] == pytest.approx(one[:5], abs=2e-4)  # the same loss, step by step, up to rounding
+    # the same loss, step by step, up to rounding: gloo's all-reduce sums in another order, the log prints 4
+    # decimals, and an AVX2-only CPU drifted by 3e-4 at step 5 (AVX-512 ones by less); a wrong shard or
+    # batch moves the loss by 1e-2 or more
+    assert two[:5] == pytest.approx(one[:5], abs=5e-4)
 
 
 def test_only_rank_0_writes(runs):

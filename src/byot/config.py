@@ -170,7 +170,9 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     try:
         return _convert(kind.split(" |")[0], value)
     except (TypeError, ValueError) as e:
-        raise ByotError(f"option {field.name}: cannot use {_short(value)} as {kind}") from e
+        # YAML reads an unquoted on/off/yes/no as a boolean: `amp: off` arrives as False
+        hint = "; YAML reads on/off/yes/no/true/false as a boolean: quote the word" if isinstance(value, bool) else ""
+        raise ByotError(f"option {field.name}: cannot use {_short(value)} as {kind}{hint}") from e
 
 
 def _convert(kind: str, value: Any) -> Any:
