@@ -445,10 +445,13 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from byot.config import check_range
     from byot.engine.bench import BenchSpec, run_bench, run_variants
 
-    if min(args.batch_size, args.steps, args.image_size, args.width) < 1 or args.warmup < 0:
-        raise ByotError("--batch-size, --steps, --image-size and --width must be positive, --warmup >= 0")
+    for name in ("batch_size", "width", "image_size"):  # the ranges byot train checks, from the same table
+        check_range(name, getattr(args, name))
+    if args.steps < 1 or args.warmup < 0:
+        raise ByotError("--steps must be at least 1 and --warmup at least 0")
     spec = BenchSpec(args.arch, args.device, args.batch_size, args.image_size, args.steps, args.warmup, args.amp,
                      args.channels_last, args.compile, args.width, head=args.head)
     if args.variants:

@@ -20,7 +20,7 @@ from byot.data import NORMALIZATION
 from byot.data.batches import TensorBatches
 from byot.data.images import ImageSet
 from byot.engine.cost import exit_costs
-from byot.engine.runtime import Runtime, build_optimizer, compile_model, make_runtime
+from byot.engine.runtime import Runtime, build_optimizer, compile_model, make_runtime, resolve_device
 from byot.engine.train import train_step
 from byot.errors import ByotError
 from byot.losses import SelfDistillLoss
@@ -105,7 +105,7 @@ def _time_inference(forward: torch.nn.Module, model: MultiExitResNet, spec: Benc
 
 def run_bench(spec: BenchSpec) -> dict[str, Any]:
     """Measure one configuration; returns the ``byot bench --json`` object."""
-    device = torch.device(spec.device)
+    device = resolve_device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ByotError("--device cuda asked for, but torch sees no CUDA GPU here")
     mean, std = NORMALIZATION["cifar100"]

@@ -50,6 +50,7 @@ from byot.engine.runtime import (
     evaluation_runtime,
     make_runtime,
     precision_name,
+    resolve_device,
 )
 from byot.engine.signals import critical_section
 from byot.engine.train import NonFiniteGuard, lr_at, train_one_epoch
@@ -107,19 +108,6 @@ def find_resumable(run_dir: Path) -> str | None:
         return str(path)
     log.info("--resume auto: no checkpoint in %s; starting a new run", run_dir)
     return None
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """None -> cuda when available, else cpu; a named device must exist."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ByotError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ByotError(f"--device {name} asked for, but torch sees no CUDA GPU here; use --device cpu")
-    return device
 
 
 def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> MultiExitResNet:

@@ -39,6 +39,27 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
+DEVICE_TYPES = ("cpu", "cuda")  # what byot trains and evaluates on (torch names more: meta, mps, xpu, ...)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """None -> cuda when available, else cpu; a named device must be one byot runs on, and exist."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ByotError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from e
+    if device.type not in DEVICE_TYPES:
+        raise ByotError(f"--device {name}: byot runs on {' or '.join(DEVICE_TYPES)} (cuda:N for one GPU), not "
+                        f"{device.type}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ByotError(f"--device {name} asked for, but torch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ByotError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s) (cuda:0 ...)")
+    return device
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
     """"auto" -> bf16 on CUDA GPUs that support it and on CPUs with native bf16; fp16 on older GPUs;
     off elsewhere. An explicit choice is kept, except fp16 on a CPU (unsupported there)."""
