@@ -364,3 +364,20 @@ def test_a_signal_to_the_process_group_stops_image_folder_training_cleanly(tmp_p
     assert proc.returncode == code, err
     assert "Traceback" not in err and "exited unexpectedly" not in err and "--resume" in err
     assert load_checkpoint(tmp_path / ARCH / "checkpoint_latest.pth.tar")["format"] == FORMAT
+
+
+@pytest.mark.parametrize("command", [
+    ["train", ARCH, "--dataset", "digits", "--epochs", "1"], ["bench", ARCH, "--steps", "1"],
+])
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu", "cpu:x", "cuda:7"])
+def test_devices_byot_cannot_run_on_are_one_line(tmp_path, capsys, command, device):
+    folder = ["--save-folder", str(tmp_path)] if command[0] == "train" else []
+    assert main([*command, "--device", device, *folder]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith((f"byot: error: --device {device}", f"byot: error: --device '{device}'"))
+    assert len(err.splitlines()) == 1
+
+
+def test_bench_flags_use_the_ranges_train_uses(capsys):
+    assert main(["bench", ARCH, "--width", "100000"]) == 2
+    assert "--width must lie in [1, 1024]" in capsys.readouterr().err
