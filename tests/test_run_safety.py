@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_reliability import ARCH, byot_train
+from test_reliability import ARCH, RUN, byot_train
 
 from byot.cli import main
 from byot.engine.checkpoint import FORMAT, load_checkpoint, remove_stale_temporaries, save_checkpoint
@@ -40,7 +40,7 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_naming_the_first(
     run = tmp_path / ARCH
     _wait_for(run / "log_train.txt", "epoch 1/1000", first)  # the first has written checkpoints: resume auto finds them
     try:
-        for extra in (("--resume", "auto"), ("--overwrite",), ()):
+        for extra in (("--resume", "auto"), ("--overwrite",)):
             second = byot_train(tmp_path, "--epochs", "1000", *extra)
             assert second.returncode == 2, second.stderr
             assert f"is in use by another byot process (PID {first.pid})" in second.stderr.strip().splitlines()[-1]
@@ -81,8 +81,11 @@ def test_clean_up_leaves_the_temporary_files_of_live_writers_alone(tmp_path):
     assert mine.exists() and not gone.exists()
 
 
-def test_overwrite_removes_every_file_of_the_old_run_and_nothing_else(tmp_path):
-    assert byot_train(tmp_path, "--epochs", "2").returncode == 0  # val split: test_result, previous
+def test_overwrite_removes_every_file_of_the_old_run_and_nothing_else(tmp_path, capsys):
+    def train(*extra: str) -> int:  # in this process: the subject is the files, not the process
+        return main(["train", ARCH, *RUN, "--save-folder", str(tmp_path), *extra])
+
+    assert train("--epochs", "2") == 0  # val split: test_result, previous
     run = tmp_path / ARCH
     (run / "early_exit").mkdir()
     (run / "early_exit" / "curve.json").write_text("{}")
@@ -90,8 +93,7 @@ def test_overwrite_removes_every_file_of_the_old_run_and_nothing_else(tmp_path):
     (run / "notes.txt").write_text("mine")  # the user's own file
     old = {p.name for p in run.iterdir()}
     assert {"checkpoint_previous.pth.tar", "test_result.json"} <= old and any("tfevents" in n for n in old)
-    proc = byot_train(tmp_path, "--epochs", "1", "--width", "6", "--val-split", "0", "--overwrite")
-    assert proc.returncode == 0, proc.stderr
+    assert train("--epochs", "1", "--width", "6", "--val-split", "0", "--overwrite") == 0
     left = {p.name for p in run.iterdir()}
     assert "checkpoint_previous.pth.tar" not in left and "test_result.json" not in left
     assert "confusion_exit1.csv" not in left and "early_exit" not in left and (run / "notes.txt").exists()
@@ -99,10 +101,8 @@ def test_overwrite_removes_every_file_of_the_old_run_and_nothing_else(tmp_path):
     assert "epoch 2" not in (run / "log_train.txt").read_text()  # the old run's log went too
     # the new latest damaged: --resume auto finds nothing of the old width-4 run to fall back on
     (run / "checkpoint_latest.pth.tar").write_bytes(b"damaged")
-    proc = byot_train(tmp_path, "--epochs", "1", "--width", "6", "--val-split", "0", "--resume", "auto",
-                      "--overwrite")
-    assert proc.returncode == 0, proc.stderr
-    assert "starting a new run" in proc.stderr and load_checkpoint(run / "checkpoint_latest.pth.tar")["config"][
+    assert train("--epochs", "1", "--width", "6", "--val-split", "0", "--resume", "auto", "--overwrite") == 0
+    assert "starting a new run" in capsys.readouterr().err and load_checkpoint(run / "checkpoint_latest.pth.tar")["config"][
         "width"] == 6
 
 
@@ -114,9 +114,11 @@ def test_demo_follows_the_overwrite_rule_of_train(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err and latest.read_bytes() == b"a CIFAR run's checkpoint"
 
 
-def test_a_resume_writes_where_the_command_line_says_never_where_the_checkpoint_says(tmp_path, monkeypatch):
+def test_a_resume_writes_where_the_command_line_says_never_where_the_checkpoint_says(tmp_path, digits_checkpoint,
+                                                                                    monkeypatch, capsys):
     ckpt = tmp_path / "trained" / ARCH / "checkpoint_latest.pth.tar"
-    assert byot_train(tmp_path / "trained", "--epochs", "1").returncode == 0
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(digits_checkpoint.read_bytes())  # 12 epochs: resuming with --epochs 13 trains one
     state = torch.load(ckpt, weights_only=True)
     evil = tmp_path / "somewhere_else"
     state["config"]["save_folder"] = str(evil)
@@ -124,16 +126,14 @@ def test_a_resume_writes_where_the_command_line_says_never_where_the_checkpoint_
     received.parent.mkdir()
     torch.save(state, received)
     monkeypatch.chdir(tmp_path)
-    proc = byot_train(tmp_path / "trained", "--epochs", "2", "--resume", str(received))
-    assert proc.returncode == 2 and "holds another run" in proc.stderr  # would mix with the run there
-    code = [sys.executable, "-m", "byot", "train", ARCH, "--resume", str(received), "--epochs", "2",
-            "--no-progress", "--dataset", "digits", "--image-size", "16", "--val-split", "0.2"]
-    proc = _run(code, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    assert not evil.exists() and (tmp_path / "save_checkpoints" / ARCH / "checkpoint_latest.pth.tar").exists()
+    resume = ["train", ARCH, "--epochs", "13", "--no-progress", "--resume"]
+    assert main([*resume, str(received), "--save-folder", str(tmp_path / "trained")]) == 2
+    assert "holds another run" in capsys.readouterr().err  # it would mix with the run there
+    assert main([*resume, str(received)]) == 0
+    assert not evil.exists() and load_checkpoint(tmp_path / "save_checkpoints" / ARCH / "checkpoint_latest.pth.tar")[
+        "epoch"] == 13
     # a checkpoint inside a run directory continues that run by default
-    proc = byot_train(tmp_path / "trained", "--epochs", "2", "--resume", str(ckpt))
-    assert proc.returncode == 0 and load_checkpoint(ckpt)["epoch"] == 2
+    assert main([*resume, str(ckpt)]) == 0 and load_checkpoint(ckpt)["epoch"] == 13
 
 
 def _edited(ckpt: Path, tmp_path: Path, change) -> Path:
@@ -341,7 +341,7 @@ def test_a_full_disk_is_named_and_loses_nothing(tmp_path, small_disk):
 
 
 def test_a_full_disk_during_a_checkpoint_write_is_named_at_a_fault_point(tmp_path):
-    assert byot_train(tmp_path, "--epochs", "1").returncode == 0
+    assert main(["train", ARCH, *RUN, "--save-folder", str(tmp_path), "--epochs", "1"]) == 0
     latest = tmp_path / ARCH / "checkpoint_latest.pth.tar"
     before = latest.read_bytes()
     proc = byot_train(tmp_path, "--resume", str(latest), fault="disk_full:1")
