@@ -86,6 +86,9 @@ def test_overwrite_removes_every_file_of_the_old_run_and_nothing_else(tmp_path, 
         return main(["train", ARCH, *RUN, "--save-folder", str(tmp_path), *extra])
 
     assert train("--epochs", "2") == 0  # val split: test_result, previous
+    before = sorted(p.name for p in (tmp_path / ARCH).iterdir())
+    assert train("--epochs", "1", "--overwrite", "--device", "cuda:7") == 2  # a mistyped flag ...
+    assert sorted(p.name for p in (tmp_path / ARCH).iterdir()) == before  # ... costs the old run nothing
     run = tmp_path / ARCH
     (run / "early_exit").mkdir()
     (run / "early_exit" / "curve.json").write_text("{}")
@@ -238,7 +241,9 @@ def test_checkpoints_of_other_class_names_are_refused_naming_them(tmp_path, cifa
     assert main(["train", ARCH, "--data-dir", str(data), *run]) == 0
     ckpt = tmp_path / "runs" / ARCH / "checkpoint_latest.pth.tar"
     capsys.readouterr()
-    for command in (["test", ARCH, "--resume", str(ckpt), "--data-dir", str(other), "--dataset", "imagefolder"],
+    given = ["--resume", str(ckpt), "--data-dir", str(other), "--dataset", "imagefolder"]
+    for command in (["test", ARCH, *given], ["calibrate", ARCH, *given, "--val-split", "0.3"],
+                    ["early-exit", ARCH, *given, "--val-split", "0.3", "--max-drop", "1"],
                     ["train", ARCH, "--data-dir", str(other), *run, "--epochs", "2", "--resume", str(ckpt)]):
         assert main(command) == 2
         assert "1: 'dog' (checkpoint) vs 'fox' (data)" in capsys.readouterr().err
@@ -381,3 +386,33 @@ def test_devices_byot_cannot_run_on_are_one_line(tmp_path, capsys, command, devi
 def test_bench_flags_use_the_ranges_train_uses(capsys):
     assert main(["bench", ARCH, "--width", "100000"]) == 2
     assert "--width must lie in [1, 1024]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda s: s.update(optimizer={"state": {}, "param_groups": []}), "optimizer, scaler or RNG state does not fit"),
+    (lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "optimizer, scaler or RNG state does not fit"),
+], ids=["optimizer without groups", "rng of the wrong length"])
+def test_training_state_that_does_not_fit_is_one_line_on_resume(tmp_path, digits_checkpoint, capsys, edit, words):
+    path = _edited(digits_checkpoint, tmp_path, edit)
+    assert main(["train", ARCH, "--resume", str(path), "--epochs", "13", "--save-folder", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_stored_policy_of_the_wrong_length_is_one_line(tmp_path, digits_checkpoint, capsys):
+    path = _edited(digits_checkpoint, tmp_path, lambda s: s.update(early_exit={"thresholds": [0.5], "final": "deepest"}))
+    assert main(["predict", "--resume", str(path), str(path)]) == 2
+    assert "fitted policy has 1 thresholds" in capsys.readouterr().err
+
+
+def test_extending_a_finished_run_drops_its_old_test_result(tmp_path, digits_checkpoint):
+    from byot.engine.run import fit, resolve_config
+
+    run = tmp_path / ARCH
+    run.mkdir()
+    (run / "checkpoint_latest.pth.tar").write_bytes(digits_checkpoint.read_bytes())
+    (run / "test_result.json").write_text('{"exits": [], "epoch": 12}')  # the 12-epoch run's one test
+    cfg, checkpoint = resolve_config({"arch": ARCH, "resume": str(run / "checkpoint_latest.pth.tar"), "epochs": 14,
+                                      "progress": False})
+    fit(cfg, checkpoint, stop_after=1)  # cut after epoch 13 of 14: no test result may stand for this run
+    assert not (run / "test_result.json").exists()

@@ -29,6 +29,7 @@ from byot.sweep import (
     format_results,
     load_sweep,
     slug,
+    write_results,
 )
 
 BASE = {"arch": "multi_resnet18_kd", "dataset": "digits", "image_size": 16, "width": 4, "epochs": 1,
@@ -343,3 +344,41 @@ def test_sigterm_stops_the_sweep_and_its_training_child_together(tmp_path):
     assert sweep.returncode == 143 and not _alive(train[0])
     assert "rerun" in err.splitlines()[-1] and "Traceback" not in err
     assert "interrupted (SIGTERM)" in (tmp_path / "runs" / "long" / "seed0" / "sweep.log").read_text()
+
+
+def test_a_sweep_killed_outright_takes_its_training_child_with_it(tmp_path):
+    # kill -9 (or a closed terminal's SIGHUP) gives the sweep no chance to forward anything: the child,
+    # in its own session, learns of it from the kernel (PR_SET_PDEATHSIG) and stops as on SIGTERM
+    if not sys.platform.startswith("linux"):
+        pytest.skip("parent-death signals are Linux's")
+    path = write_sweep(tmp_path, [{"name": "long"}], epochs=1000, val_split=0.0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen([sys.executable, "-m", "byot", "sweep", str(path)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "runs" / "long" / "seed0" / "multi_resnet18_kd"
+    train: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "log_train.txt").exists() and time.monotonic() < deadline and sweep.poll() is None:
+            time.sleep(0.1)
+        children = [int(p) for p in Path(f"/proc/{sweep.pid}/task/{sweep.pid}/children").read_text().split()]
+        train += [pid for pid in children if b"train" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(train) == 1
+        sweep.kill()
+        sweep.wait()
+        deadline = time.monotonic() + 30
+        while _alive(train[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(train[0])
+    finally:
+        for pid in train:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert "interrupted (SIGTERM)" in (tmp_path / "runs" / "long" / "seed0" / "sweep.log").read_text()
+
+
+def test_results_that_cannot_be_written_are_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ByotError, match="cannot write the sweep's results"):
+        write_results({"name": "s", "rows": []}, blocker / "out")

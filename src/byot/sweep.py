@@ -52,10 +52,11 @@ from typing import Any
 import yaml
 
 from byot.config import FIELD_NAMES, RANGES, TrainConfig, build_config, load_yaml
+from byot.engine.checkpoint import write_text_atomic
 from byot.engine.run import read_metrics, read_test_result
 from byot.engine.rundir import LATEST, PREVIOUS, run_files
-from byot.engine.signals import HANDLED
-from byot.errors import ByotError
+from byot.engine.signals import HANDLED, STOP_WITH_PARENT
+from byot.errors import ByotError, describe_os_error
 
 log = logging.getLogger("byot")
 
@@ -423,7 +424,10 @@ def _run_child(command: list[str], log_path: Path) -> int:
         with stopper:
             # its own session: a terminal's Ctrl-C, sent to the foreground process group, reaches the sweep
             # alone, which forwards it once; the child never gets two signals from one keypress
-            proc = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+            # and it stops (SIGTERM: saving its epoch) if the sweep dies without forwarding (kill -9, SIGHUP)
+            env = {**os.environ, STOP_WITH_PARENT: str(os.getpid())}
+            proc = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=env)
             stopper.watch(proc)
             code = stopper.wait()
     if stopper.received:
@@ -464,10 +468,13 @@ def summarise(sweep: Sweep, statuses: list[RunStatus]) -> dict[str, Any]:
 
 
 def write_results(summary: dict[str, Any], out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / name for name in RESULT_FILES]
-    paths[0].write_text(json.dumps(summary, indent=1) + "\n")
-    paths[1].write_text(format_results(summary) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ByotError(f"cannot write the sweep's results to {out}: {describe_os_error(e)}") from e
+    write_text_atomic(paths[0], json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(paths[1], format_results(summary) + "\n")
     return paths
 
 

@@ -13,11 +13,9 @@ killed without waiting as soon as the main process meets any exception (Keyboard
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -26,15 +24,14 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from byot.config import check_range
 from byot.data.folder import FolderIndex, index_folder
-from byot.engine.rundir import pid_alive
-from byot.engine.signals import ignore_handled_signals
+from byot.engine.signals import die_with_parent, ignore_handled_signals
 from byot.errors import ByotError
 
 log = logging.getLogger("byot.data")
 
 SPLIT_NAMES = ("train", "test", "val")  # the split folders of a data root, scanned in this order
-PR_SET_PDEATHSIG = 1  # Linux prctl option: the signal a process gets when its parent ends
 
 
 @dataclass
@@ -65,8 +62,7 @@ def scan_images(paths: list[Path], workers: int = 0) -> ScanReport:
 
 
 def _check_workers(workers: int) -> None:
-    if workers < 0:
-        raise ByotError(f"--workers must be 0 or more, got {workers} (0 decodes in this process)")
+    check_range("workers", workers)  # the range byot train checks: 0 decodes in this process
 
 
 def _check_in_workers(paths: list[Path], workers: int) -> list[str | None]:
@@ -92,14 +88,7 @@ def _check_chunk(paths: list[Path]) -> list[str | None]:
 def _start_worker(parent: int) -> None:
     """A scan worker's initializer: leave signals to the main process, and end when it ends."""
     ignore_handled_signals()
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # no prctl in this C library: the main process's teardown still runs
-        return
-    if os.getppid() != parent and not pid_alive(parent):  # it died before prctl took effect
-        os._exit(1)
+    die_with_parent(signal.SIGKILL, parent)
 
 
 def _kill(pool: ProcessPoolExecutor) -> None:

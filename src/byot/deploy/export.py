@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from byot.errors import ByotError
+from byot.errors import ByotError, describe_os_error
 from byot.models import MultiExitResNet
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -75,7 +75,10 @@ def export(net: ExitNetwork, fmt: str, out: Path, image_size: int, metadata: dic
         result = _export_to(net, fmt, tmp, image_size, text)
         os.replace(tmp, out)
     except OSError as e:
-        raise ByotError(f"cannot write --out {out}: {e.strerror or e}") from e
+        raise ByotError(f"cannot write --out {out}: {describe_os_error(e)}") from e
+    except RuntimeError as e:  # torch.jit.save and the exporters report a failed write (a full disk) so
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ByotError(f"cannot write --out {out}: {first}") from e
     finally:
         tmp.unlink(missing_ok=True)
     return {"path": str(out), "format": fmt, "bytes": out.stat().st_size, **result}

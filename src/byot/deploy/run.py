@@ -27,7 +27,7 @@ from byot.deploy.policy import NEVER, ExitPolicy, exit_flops, fit_thresholds, po
 from byot.engine.checkpoint import DIGEST, update_checkpoint
 from byot.engine.cost import exit_costs
 from byot.engine.evaluate import collect_logits
-from byot.engine.run import build_trained, load_data, resolve_device
+from byot.engine.run import build_trained, check_checkpoint_fits, load_data, resolve_device
 from byot.engine.runtime import Runtime
 from byot.errors import ByotError
 from byot.models import MultiExitResNet
@@ -75,6 +75,7 @@ def calibrate(cfg: TrainConfig, checkpoint: dict) -> dict[str, Any]:
     path = _checkpoint_path(cfg)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
+    check_checkpoint_fits(checkpoint, data, str(path))
     model, runtime = build_trained(cfg, checkpoint, device)
     val_logits, val_targets = collect_logits(model, _held_out(cfg, checkpoint, data, "calibration"), runtime)
     temperatures = [fit_temperature(z, val_targets) for z in val_logits]
@@ -111,6 +112,10 @@ def resolve_policy(checkpoint: dict, n_exits: int, thresholds: Sequence[float] |
     elif stored.get("thresholds"):
         # fitted thresholds only mean something at the temperatures they were fitted with
         chosen, fitted_with = tuple(stored["thresholds"]), tuple(stored.get("temperatures", ()))
+        if len(chosen) != n_exits - 1 or len(fitted_with) not in (0, n_exits):
+            raise ByotError(f"the checkpoint's fitted policy has {len(chosen)} thresholds and {len(fitted_with)} "
+                            f"temperatures for a model of {n_exits} exits; was it edited by hand? Fit it again "
+                            "with byot early-exit")
         if fitted_with != temperatures:
             log.info("using the temperatures the stored thresholds were fitted with (%s), not the current "
                      "calibration", ", ".join(f"{t:.3f}" for t in fitted_with) or "none")
@@ -130,6 +135,7 @@ def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: 
     path = _checkpoint_path(cfg)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
+    check_checkpoint_fits(checkpoint, data, str(path))
     model, runtime = build_trained(cfg, checkpoint, device)
     _need_exits(model)
     costs = exit_costs(model, checkpoint["image_size"])

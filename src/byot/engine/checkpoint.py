@@ -16,7 +16,7 @@ import torch
 
 from byot import __version__
 from byot.engine.faults import fault_point, reached
-from byot.engine.rundir import pid_alive, write_lock
+from byot.engine.rundir import stale_temporaries, write_lock
 from byot.errors import ByotError, describe_os_error
 
 FORMAT_PREFIX = "byot-checkpoint-"
@@ -70,7 +70,10 @@ def _torch_save(obj: Any, f: IO) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path``'s contents with ``text`` so that a crash leaves the old contents or the new."""
-    _write_atomic(path, "w", lambda f: f.write(text))
+    try:
+        _write_atomic(path, "w", lambda f: f.write(text))
+    except OSError as e:
+        raise ByotError(f"could not write {path}: {describe_os_error(e)}; its previous contents are intact") from e
 
 
 def _write_atomic(path: Path, mode: str, write: Callable[[IO], Any],
@@ -119,16 +122,10 @@ def _sync_dir(folder: Path) -> None:
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the half-written ``.NAME.tmp-PID`` files a crash during a write left in ``folder``: only
     those whose writer (the PID in the name) is gone; another process's write in progress is left alone."""
-    stale = [p for p in folder.glob(".*.tmp-*") if p.is_file() and not pid_alive(_writer_pid(p))]
+    stale = stale_temporaries(folder)
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-def _writer_pid(path: Path) -> int:
-    tail = path.name.rsplit(".tmp-", 1)[-1]
-    digits = tail.split(".", 1)[0]  # export's temporaries keep a suffix: ".x.onnx.tmp-123.onnx"
-    return int(digits) if digits.isdigit() else 0
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import time
 from collections.abc import Callable
@@ -136,7 +137,7 @@ def balanced_class_weights(counts: list[int], device: torch.device) -> torch.Ten
     return torch.where(n > 0, n.sum() / (len(counts) * n.clamp(min=1)), torch.zeros_like(n))
 
 
-def _check_checkpoint_fits(checkpoint: dict, data: DataBundle, source: str) -> None:
+def check_checkpoint_fits(checkpoint: dict, data: DataBundle, source: str) -> None:
     if checkpoint["num_classes"] != len(data.classes):
         raise ByotError(f"{source} has {checkpoint['num_classes']} classes but the data has {len(data.classes)}; "
                         "use the data set it was trained on")
@@ -176,8 +177,9 @@ def _check_single_sample_batches(model: MultiExitResNet, data: DataBundle) -> No
 
 
 def _prepare_run_dir(cfg: TrainConfig, resume_path: str | None, overwrite: bool, main: bool = True) -> Path:
-    """Check that this run may write into its run directory, and with ``overwrite`` empty it of the old
-    run's files; called with the run lock held, before anything of the new run is written."""
+    """Check that this run may write into its run directory (called with the run lock held, before
+    anything of the new run is written); ``overwrite`` empties it later, once the data and model have loaded
+    (``_fit_session``), so that a mistyped flag never costs the old run."""
     run_dir = cfg.run_dir
     holds_run = (run_dir / LATEST).exists()
     inside = resume_path is not None and Path(resume_path).expanduser().resolve().parent == run_dir.resolve()
@@ -192,11 +194,8 @@ def _prepare_run_dir(cfg: TrainConfig, resume_path: str | None, overwrite: bool,
                         "(or the checkpoint's own), or add --overwrite to replace that run")
     if resume_path is not None and not inside:
         log.info("resuming %s into the run directory %s", resume_path, run_dir)
-    if not main:  # another process (rank 0) writes here
-        return run_dir
-    if overwrite:
-        clear_run(run_dir)
-    _probe_write(run_dir)
+    if main:  # (other processes: rank 0 writes here)
+        _probe_write(run_dir)
     return run_dir
 
 
@@ -212,25 +211,43 @@ def _probe_write(run_dir: Path) -> None:
             probe.unlink(missing_ok=True)  # a full disk may have created it empty before refusing the bytes
 
 
-@contextlib.contextmanager
-def _log_file(run_dir: Path, main: bool):
-    """The run's log_train.txt receives every log line of the run (rank 0 only)."""
-    if not main:
-        yield
-        return
-    try:
-        handler = logging.FileHandler(run_dir / "log_train.txt", errors="backslashreplace")
-    except OSError as e:
-        raise ByotError(f"cannot write to the run directory {run_dir}: {describe_os_error(e)}; choose another "
-                        "--save-folder") from e
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    logging.getLogger("byot").addHandler(handler)
-    try:
-        yield
-    finally:
-        logging.getLogger("byot").removeHandler(handler)
-        handler.close()
+class RunLog:
+    """The run's log_train.txt receives every log line of the run (rank 0 only). Lines are held in memory
+    until ``start`` opens the file: an ``--overwrite`` removes the old run's log only after the data and model
+    have loaded, and the lines logged while they loaded still reach the new log."""
+
+    def __init__(self, run_dir: Path, main: bool) -> None:
+        self.path, self.main, self.file = run_dir / "log_train.txt", main, None
+        self.buffer = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+        self.buffer.setLevel(logging.DEBUG)
+        if main:
+            logging.getLogger("byot").addHandler(self.buffer)
+
+    def start(self) -> None:
+        if not self.main or self.file is not None:
+            return
+        try:
+            self.file = logging.FileHandler(self.path, errors="backslashreplace")
+        except OSError as e:
+            raise ByotError(f"cannot write to the run directory {self.path.parent}: {describe_os_error(e)}") from e
+        self.file.setLevel(logging.DEBUG)
+        self.file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        self.buffer.setTarget(self.file)
+        self.buffer.flush()
+        logger = logging.getLogger("byot")
+        logger.removeHandler(self.buffer)
+        logger.addHandler(self.file)
+
+    def close(self) -> None:
+        """Detach; lines of a run that failed before ``start`` are appended to the log all the same."""
+        if self.main and self.file is None:
+            with contextlib.suppress(ByotError):
+                self.start()
+        logger = logging.getLogger("byot")
+        for handler in (self.buffer, self.file):
+            if handler is not None:
+                logger.removeHandler(handler)
+                handler.close()
 
 
 def _reset_metrics(path: Path, last_epoch: int) -> None:
@@ -346,12 +363,9 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = 
     optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     scaler = runtime.grad_scaler()
     if checkpoint is not None:
-        _check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
+        check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
         load_model_state(model, checkpoint["model"], cfg.resume or "the checkpoint")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_state(checkpoint["rng"])
+        _restore_training_state(checkpoint, optimizer, scaler, cfg.resume or "the checkpoint")
         _warn_world_size_change(checkpoint, ctx, cfg)
     forward: nn.Module = model
     if cfg.compile:
@@ -362,6 +376,21 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = 
     skipped = checkpoint.get("nonfinite_steps", 0) if checkpoint else 0
     return Session(cfg, data, model, forward, runtime, optimizer, scaler, build_loss(cfg, data, device), skipped,
                    ctx)
+
+
+def _restore_training_state(checkpoint: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                            source: str) -> None:
+    """Optimizer, scaler and RNG state of a resume; contents that do not fit (a hand-edited or damaged
+    file that kept the right field types) are one clear error, not torch's traceback."""
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ByotError(f"{source}: its optimizer, scaler or RNG state does not fit this model ({first}); was it "
+                        "edited by hand? Test it with byot test, or start a new run") from e
 
 
 def _warn_world_size_change(checkpoint: dict, ctx: DistContext, cfg: TrainConfig) -> None:
@@ -386,14 +415,20 @@ def fit(cfg: TrainConfig, checkpoint: dict | None = None, overwrite: bool = Fals
     # one writer per run directory, from before the first write to the end (rank 0 writes for all)
     with run_lock(cfg.run_dir) if ctx.is_main else contextlib.nullcontext():
         _prepare_run_dir(cfg, cfg.resume if checkpoint is not None else None, overwrite, ctx.is_main)
-        with _log_file(cfg.run_dir, ctx.is_main):
-            records = _fit_session(cfg, checkpoint, ctx, stop_after, on_epoch)
+        run_log = RunLog(cfg.run_dir, ctx.is_main)
+        try:
+            records = _fit_session(cfg, checkpoint, ctx, overwrite, run_log, stop_after, on_epoch)
+        finally:
+            run_log.close()
     return records
 
 
-def _fit_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext, stop_after: int | None,
-                 on_epoch: Callable[[dict], None] | None) -> list[dict[str, Any]]:
+def _fit_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext, overwrite: bool, run_log: RunLog,
+                 stop_after: int | None, on_epoch: Callable[[dict], None] | None) -> list[dict[str, Any]]:
     session = build_session(cfg, checkpoint, ctx)
+    if overwrite and ctx.is_main:  # data, device, model and checkpoint all fit: now the old run may go
+        clear_run(cfg.run_dir)
+    run_log.start()
     try:
         records = _fit(session, checkpoint, stop_after, on_epoch)
     except BaseException:
@@ -421,6 +456,9 @@ def _fit(s: Session, checkpoint: dict | None, stop_after: int | None,
         except OSError as e:
             raise ByotError(f"cannot write {run_dir / 'config.yaml'}: {describe_os_error(e)}") from e
         _reset_metrics(run_dir / METRICS, start_epoch)
+        if start_epoch < cfg.epochs and (run_dir / TEST_RESULT).exists():  # a resume that extends a finished run:
+            (run_dir / TEST_RESULT).unlink()  # its one test result is of the shorter run; the new one comes at the end
+            log.info("removed %s of the run's earlier end; it is redone after epoch %d", TEST_RESULT, cfg.epochs)
     _log_start(s, start_epoch, best)
     writer, records = _open_tensorboard(run_dir) if main else None, []
     try:
@@ -566,7 +604,7 @@ def test_checkpoint(cfg: TrainConfig, checkpoint: dict, per_class: bool = False)
     """
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
-    _check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
+    check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
     model, runtime = build_trained(cfg, checkpoint, device)
     result = evaluate(model, data.test, runtime, model.exit_stages, confusion=per_class)
     confusions = result.pop("confusion", None)

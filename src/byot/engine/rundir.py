@@ -35,7 +35,8 @@ LOCK_NAME = ".byot-run.lock"
 WRITE_LOCK_NAME = ".byot-write.lock"  # held only while a checkpoint file is replaced
 # what a run writes into its directory (checkpoint names come from byot.engine.run); globs allowed
 RUN_FILES = (LATEST, PREVIOUS, BEST, METRICS, TEST_RESULT, "config.yaml", "log_train.txt", "events.out.tfevents.*", "confusion_exit*.csv",
-             "confusion_exit*.png", ".*.tmp-*", ".write-probe")
+             "confusion_exit*.png", ".write-probe")
+TEMPORARIES = ".*.tmp-*"  # .NAME.tmp-PID: a write in progress, or what a crash left
 RUN_FOLDERS = {"early_exit": ("curve.json", "curve.csv", "curve.png")}  # byot early-exit's default --out
 
 _held: dict[Path, list[int]] = {}  # resolved run directory -> [fd, depth]: the lock is re-entrant in a process
@@ -60,7 +61,7 @@ def _holder(fd: int) -> str:
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir``'s exclusive lock for the block; a second process is refused at once, naming the
-    holder's PID. Taking it again in the process that holds it is a no-op (the CLI and ``fit`` both take it)."""
+    holder's PID. Taking it again in the process that holds it is a no-op (a caller of ``fit`` may hold it)."""
     key = Path(run_dir).resolve()
     if key in _held:
         _held[key][1] += 1
@@ -115,9 +116,22 @@ def write_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def stale_temporaries(folder: Path) -> list[Path]:
+    """The ``.NAME.tmp-PID`` files in ``folder`` whose writer (the PID in the name) is gone: what a crash
+    during a write left. Another process's write in progress is not among them."""
+    return sorted(p for p in folder.glob(TEMPORARIES) if p.is_file() and not pid_alive(_writer_pid(p)))
+
+
+def _writer_pid(path: Path) -> int:
+    tail = path.name.rsplit(".tmp-", 1)[-1]
+    digits = tail.split(".", 1)[0]  # export's temporaries keep a suffix: ".x.onnx.tmp-123.onnx"
+    return int(digits) if digits.isdigit() else 0
+
+
 def run_files(run_dir: Path) -> list[Path]:
-    """The files byot wrote into ``run_dir`` (never another program's), and its own sub-folders' files."""
-    found: list[Path] = []
+    """The files byot wrote into ``run_dir`` (never another program's), and its own sub-folders' files;
+    temporaries only where their writer is gone."""
+    found: list[Path] = stale_temporaries(run_dir)
     for pattern in RUN_FILES:
         found += [p for p in run_dir.glob(pattern) if p.is_file() or p.is_symlink()]
     for folder, names in RUN_FOLDERS.items():
@@ -128,10 +142,11 @@ def run_files(run_dir: Path) -> list[Path]:
 def clear_run(run_dir: Path) -> list[Path]:
     """``--overwrite``: remove every file of the old run (see ``run_files``); folders byot made are
     removed when they are left empty. Call with the run lock held. Returns what was removed."""
-    removed = run_files(run_dir)
     try:
-        for path in removed:
-            path.unlink()
+        with write_lock(run_dir):  # no checkpoint replaced (byot calibrate) while the old run goes
+            removed = run_files(run_dir)
+            for path in removed:
+                path.unlink()
         for folder in RUN_FOLDERS:
             if (run_dir / folder).is_dir() and not any((run_dir / folder).iterdir()):
                 (run_dir / folder).rmdir()

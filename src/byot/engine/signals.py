@@ -8,13 +8,17 @@ second one ends the process at once, whatever it is doing.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+PR_SET_PDEATHSIG = 1  # Linux prctl option: the signal a process gets when its parent ends
+STOP_WITH_PARENT = "BYOT_STOP_WITH_PARENT"  # env: a PID; byot gets SIGTERM when that process ends (byot sweep)
 
 
 class Interrupted(BaseException):
@@ -43,6 +47,28 @@ def ignore_handled_signals(*_: object) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def die_with_parent(signum: int, parent: int) -> None:
+    """In a child process (a pool worker, a sweep's ``byot train``): receive ``signum`` when the parent
+    ``parent`` ends, however it ends (kill -9, a closed terminal), so that no child outlives it. Linux only;
+    elsewhere a no-op (the parent's own teardown still runs)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    except (OSError, AttributeError):  # no prctl in this C library
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signum)
+
+
+def stop_with_parent_if_asked() -> None:
+    """At start-up of a process that ``byot sweep`` launched: SIGTERM when the sweep ends (set here, in the
+    child itself, rather than between fork and exec, where a threaded parent makes ctypes unsafe)."""
+    parent = os.environ.pop(STOP_WITH_PARENT, "")
+    if parent.isdigit():
+        die_with_parent(signal.SIGTERM, int(parent))
+
+
 def _handler(signum: int, frame: FrameType | None) -> None:
     if os.getpid() != _state["pid"]:  # a forked worker that inherited the handler: the main process stops it
         return
@@ -63,11 +89,25 @@ def handle_signals() -> Iterator[None]:
         return
     previous = {s: signal.signal(s, _handler) for s in HANDLED}
     _state.update(critical=0, pending=0, received=0, pid=os.getpid())
+    hook = threading.excepthook
+    threading.excepthook = _quiet_after_stop(hook)
     try:
         yield
     finally:
+        threading.excepthook = hook
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _quiet_after_stop(hook: Callable[[threading.ExceptHookArgs], object]) -> Callable[[threading.ExceptHookArgs], None]:
+    """Once a stop signal has arrived, a helper thread whose peer process is being stopped (the thread
+    that hands DataLoader workers' tensors to this process, multiprocessing.resource_sharer) may lose its
+    connection mid-transfer: expected then, and not worth a traceback under the one-line stop message."""
+    def quiet(args: threading.ExceptHookArgs) -> None:
+        if _state["received"] and issubclass(args.exc_type, (ConnectionError, EOFError)):
+            return
+        hook(args)
+    return quiet
 
 
 @contextlib.contextmanager
