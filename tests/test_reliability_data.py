@@ -185,12 +185,14 @@ def test_a_test_class_without_images_is_only_a_warning(tmp_path, caplog):
 
 # 8. --workers below 0 --------------------------------------------------------------------------------------
 
-def test_negative_workers_are_refused(tmp_path):
+def test_negative_or_huge_workers_are_refused(tmp_path):
     image = write_image(tmp_path / "train" / "cat" / "a.png", seed=1)
-    with pytest.raises(ByotError, match="--workers must be 0 or more, got -1"):
+    with pytest.raises(ByotError, match=r"--workers must lie in \[0, 256\], not -1"):
         scan_images([image], workers=-1)
-    with pytest.raises(ByotError, match="--workers must be 0 or more, got -2"):
+    with pytest.raises(ByotError, match=r"--workers must lie in \[0, 256\], not -2"):
         scan_folder(tmp_path, workers=-2)
+    with pytest.raises(ByotError, match=r"--workers must lie in \[0, 256\], not 100000"):  # would fork 100,000
+        scan_images([image, image], workers=100000)
 
 
 # 7. DataLoader workers of image folders leave signals to the main process ----------------------------------
