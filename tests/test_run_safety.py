@@ -61,7 +61,7 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_naming_the_first(
 
 
 def test_the_run_lock_is_exclusive_between_processes_and_reentrant_within_one(tmp_path):
-    with run_lock(tmp_path), run_lock(tmp_path):  # the CLI and fit both take it in one process
+    with run_lock(tmp_path), run_lock(tmp_path):  # a caller of fit may hold it already
         code = ("import sys; from pathlib import Path; from byot.engine.rundir import run_lock\n"
                 "try:\n    run_lock(Path(sys.argv[1])).__enter__()\nexcept Exception as e:\n    print(e)\n")
         out = _run([sys.executable, "-c", code, str(tmp_path)]).stdout
@@ -287,11 +287,10 @@ def test_ctrl_c_outside_training_says_interrupted_without_the_training_hint(monk
     def interrupted(args):
         raise KeyboardInterrupt
 
-    for command in ("split", "test", "calibrate"):
+    for command, argv in (("split", ["src", "--out", "dst"]), ("test", [ARCH]), ("calibrate", [ARCH])):
         monkeypatch.setitem(cli.COMMANDS, command, interrupted)
-    assert main(["split", "src", "--out", "dst"]) == 130
-    err = capsys.readouterr().err
-    assert err.strip() == "byot: interrupted (Ctrl-C)"
+        assert main([command, *argv]) == 130
+        assert capsys.readouterr().err.strip() == "byot: interrupted (Ctrl-C)"
 
 
 def test_importing_the_command_line_does_not_import_torch_and_ctrl_c_at_start_up_is_one_line():

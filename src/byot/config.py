@@ -262,7 +262,7 @@ def check_range(name: str, value: float | None) -> None:
 CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("step", "cosine"),
     "head": tuple(EXIT_HEADS),
-    "amp": ("auto", "bf16", "fp16", "off"),
+    "amp": ("auto", "bf16", "fp16", "off"),  # byot.engine.runtime resolves them
     "class_weights": ("none", "balanced"),
 }
 

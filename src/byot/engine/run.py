@@ -68,11 +68,12 @@ log = logging.getLogger("byot")
 def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, dict | None]:
     """defaults -> checkpoint's config (with --resume) -> YAML file -> flags; returns (config, checkpoint)."""
     explicit = {**(load_yaml(config_file) if config_file else {}), **given}
+    checkpoint = None
     if explicit.get("resume") == "auto":
-        explicit["resume"] = find_resumable(build_config({}, {**explicit, "resume": None}).run_dir)
+        explicit["resume"], checkpoint = find_resumable(build_config({}, {**explicit, "resume": None}).run_dir)
     if not explicit.get("resume"):
         return build_config({}, explicit), None
-    checkpoint = load_checkpoint(explicit["resume"])
+    checkpoint = checkpoint or load_checkpoint(explicit["resume"])
     saved = dict(checkpoint.get("config", {}))
     # None meant "the data set's own size"; compare a given --image-size with the size it became
     effective = {**saved, "image_size": saved.get("image_size") or checkpoint.get("image_size")}
@@ -82,9 +83,9 @@ def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tup
     # checkpoint lies (continue the run it belongs to), never from the file's contents, so a checkpoint
     # received from elsewhere cannot make this run write into a path of its choosing
     saved.pop("save_folder", None)
-    explicit.setdefault("save_folder", own_save_folder(Path(explicit["resume"]), saved.get("arch", "")))
-    if explicit["save_folder"] is None:
-        del explicit["save_folder"]
+    own = own_save_folder(Path(explicit["resume"]), saved.get("arch", ""))
+    if own is not None and "save_folder" not in explicit:
+        explicit["save_folder"] = own
     return build_config(saved, explicit), checkpoint
 
 
@@ -94,21 +95,22 @@ def own_save_folder(checkpoint_path: Path, arch: str) -> str | None:
     return str(folder.parent) if arch and folder.name == arch else None
 
 
-def find_resumable(run_dir: Path) -> str | None:
-    """The newest readable checkpoint of ``run_dir`` (latest, else previous), or None for a new run."""
+def find_resumable(run_dir: Path) -> tuple[str | None, dict | None]:
+    """The newest readable checkpoint of ``run_dir`` (latest, else previous) and its contents, read once;
+    (None, None) for a new run."""
     for name in (LATEST, PREVIOUS):
         path = run_dir / name
         if not path.exists():
             continue
         try:
-            load_checkpoint(path)
+            state = load_checkpoint(path)
         except ByotError as e:
             log.warning("--resume auto: skipping %s: %s", path, e)
             continue
         log.info("--resume auto: continuing from %s", path)
-        return str(path)
+        return str(path), state
     log.info("--resume auto: no checkpoint in %s; starting a new run", run_dir)
-    return None
+    return None, None
 
 
 def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> MultiExitResNet:
@@ -176,7 +178,7 @@ def _check_single_sample_batches(model: MultiExitResNet, data: DataBundle) -> No
                         "BatchNorm cannot normalise; use --batch-size 2 or more, or a larger --image-size")
 
 
-def _prepare_run_dir(cfg: TrainConfig, resume_path: str | None, overwrite: bool, main: bool = True) -> Path:
+def _prepare_run_dir(cfg: TrainConfig, resume_path: str | None, overwrite: bool, main: bool = True) -> None:
     """Check that this run may write into its run directory (called with the run lock held, before
     anything of the new run is written); ``overwrite`` empties it later, once the data and model have loaded
     (``_fit_session``), so that a mistyped flag never costs the old run."""
@@ -196,7 +198,6 @@ def _prepare_run_dir(cfg: TrainConfig, resume_path: str | None, overwrite: bool,
         log.info("resuming %s into the run directory %s", resume_path, run_dir)
     if main:  # (other processes: rank 0 writes here)
         _probe_write(run_dir)
-    return run_dir
 
 
 def _probe_write(run_dir: Path) -> None:

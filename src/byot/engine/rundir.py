@@ -7,7 +7,7 @@ it when the process dies in any way, kill -9 included, so a lock is never stale.
 PID of its holder, named in the refusal a second process gets.
 
 ``--overwrite`` removes every file byot writes into a run directory (``clear_run``), and only those,
-before the new run writes anything, so no file of the old run (a ``checkpoint_previous``, a
+once the new run's data and model have loaded and before it writes anything, so no file of the old run (a ``checkpoint_previous``, a
 ``test_result.json``, TensorBoard events) survives to be mistaken for the new run's.
 """
 
@@ -33,13 +33,13 @@ PREVIOUS = "checkpoint_previous.pth.tar"  # the epoch before LATEST: the fallbac
 TEST_RESULT = "test_result.json"  # with --val-split: the one test evaluation, of model_best
 LOCK_NAME = ".byot-run.lock"
 WRITE_LOCK_NAME = ".byot-write.lock"  # held only while a checkpoint file is replaced
-# what a run writes into its directory (checkpoint names come from byot.engine.run); globs allowed
-RUN_FILES = (LATEST, PREVIOUS, BEST, METRICS, TEST_RESULT, "config.yaml", "log_train.txt", "events.out.tfevents.*", "confusion_exit*.csv",
-             "confusion_exit*.png", ".write-probe")
+# what a run writes into its directory; globs allowed
+RUN_FILES = (LATEST, PREVIOUS, BEST, METRICS, TEST_RESULT, "config.yaml", "log_train.txt", "events.out.tfevents.*",
+             "confusion_exit*.csv", "confusion_exit*.png", ".write-probe")
 TEMPORARIES = ".*.tmp-*"  # .NAME.tmp-PID: a write in progress, or what a crash left
 RUN_FOLDERS = {"early_exit": ("curve.json", "curve.csv", "curve.png")}  # byot early-exit's default --out
 
-_held: dict[Path, list[int]] = {}  # resolved run directory -> [fd, depth]: the lock is re-entrant in a process
+_held: dict[Path, int] = {}  # resolved run directory -> the fd holding its lock in this process
 
 
 def _open_lock_file(path: Path) -> int:
@@ -63,12 +63,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir``'s exclusive lock for the block; a second process is refused at once, naming the
     holder's PID. Taking it again in the process that holds it is a no-op (a caller of ``fit`` may hold it)."""
     key = Path(run_dir).resolve()
-    if key in _held:
-        _held[key][1] += 1
-        try:
-            yield
-        finally:
-            _held[key][1] -= 1
+    if key in _held:  # the outer holder releases it
+        yield
         return
     fd = _open_lock_file(Path(run_dir) / LOCK_NAME)
     if fcntl is not None:
@@ -85,16 +81,12 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     except OSError as e:
         os.close(fd)
         raise ByotError(f"cannot write to the run directory {run_dir}: {describe_os_error(e)}") from e
-    _held[key] = [fd, 1]
+    _held[key] = fd
     try:
         yield
     finally:
         del _held[key]
         os.close(fd)  # releases the lock; the file stays (unlinking it would race with the next opener)
-
-
-def holds_lock(run_dir: Path) -> bool:
-    return Path(run_dir).resolve() in _held
 
 
 @contextlib.contextmanager
@@ -170,4 +162,5 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["BEST", "LATEST", "LOCK_NAME", "METRICS", "PREVIOUS", "TEST_RESULT", "clear_run", "holds_lock", "pid_alive", "run_files", "run_lock", "write_lock"]
+__all__ = ["BEST", "LATEST", "LOCK_NAME", "METRICS", "PREVIOUS", "TEST_RESULT", "clear_run", "pid_alive", "run_files",
+           "run_lock", "stale_temporaries", "write_lock"]

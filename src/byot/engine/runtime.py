@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from byot.config import CHOICES
 from byot.data.transforms import normalize
 from byot.errors import ByotError
 
 log = logging.getLogger("byot")
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+AMP_CHOICES = CHOICES["amp"]  # one list: the config validates it, this module resolves it
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 NEVER_GROW = 2**31 - 1  # steps between scale increases: never, for bf16 and fp32
 
@@ -121,7 +122,7 @@ class Runtime:
 def evaluation_runtime(runtime: Runtime, amp: str) -> Runtime:
     """The runtime that scores accuracies: fp32 unless the user named a half precision (``--amp bf16`` or
     ``fp16``). "auto" speeds up training only: a reported top-1 or top-5 must not move with the CPU's
-    features (bf16 logits tie and reorder: one top-5 hit differed from fp32 on one checkpoint)."""
+    features (bf16 logits tie and reorder: a user saw one top-5 hit differ from fp32 on one checkpoint)."""
     return runtime if amp in ("bf16", "fp16") else dataclasses.replace(runtime, amp="off")
 
 

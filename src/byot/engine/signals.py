@@ -99,7 +99,10 @@ def handle_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _quiet_after_stop(hook: Callable[[threading.ExceptHookArgs], object]) -> Callable[[threading.ExceptHookArgs], None]:
+ThreadHook = Callable[[threading.ExceptHookArgs], object]
+
+
+def _quiet_after_stop(hook: ThreadHook) -> ThreadHook:
     """Once a stop signal has arrived, a helper thread whose peer process is being stopped (the thread
     that hands DataLoader workers' tensors to this process, multiprocessing.resource_sharer) may lose its
     connection mid-transfer: expected then, and not worth a traceback under the one-line stop message."""
