@@ -34,10 +34,31 @@ def _defaults() -> TrainConfig:
     return TrainConfig()
 
 
-def _heads() -> tuple[str, ...]:
-    from byot.models.exits import EXIT_HEADS
+def _choices(name: str) -> tuple[str, ...]:
+    """The choices of option ``name`` from the config's one table."""
+    from byot.config import CHOICES
 
-    return tuple(EXIT_HEADS)
+    return CHOICES[name]
+
+
+def _export_formats() -> tuple[str, ...]:
+    from byot.deploy.export import FORMATS
+
+    return FORMATS
+
+
+def _model_option(text: str) -> tuple[str, Any]:
+    """--model-option KEY=VALUE -> (key, value); the value is read as YAML (28 -> int, 0.3 -> float)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give KEY=VALUE, e.g. depth=28")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
 
 
 def _add_model_and_data(p: argparse.ArgumentParser) -> None:
@@ -56,12 +77,20 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-corrupt", action="store_true",
                    help="leave unreadable image files out (counted in the log) instead of stopping")
     g = p.add_argument_group("model (taken from the checkpoint with --resume; must agree if given)")
-    g.add_argument("--width", type=int, help=f"base channels (default {D.width}; 16 runs well on a CPU)")
-    g.add_argument("--stem", choices=("auto", "cifar", "imagenet"),
-                   help="cifar: 3x3/1; imagenet: 7x7/2 + max-pool; auto (default): imagenet from 64 px up")
+    g.add_argument("--width", type=int, help="base channels of the family (ResNets: 64, WRN/PyramidNet: 16, VGG/"
+                   "ResNeXt: 64; 16 runs a ResNet well on a CPU)")
+    g.add_argument("--stem", choices=_choices("stem"),
+                   help="ResNets, MobileNetV2: cifar (stride 1), imagenet (7x7/2 + max-pool, or stride 2), auto "
+                        "(default): imagenet from 64 px up")
+    g.add_argument("--exits", metavar="K,K,...",
+                   help="stages that get a shallow exit, e.g. 1,2,3 (default: the family's natural stage boundaries); "
+                        "the deepest exit is always there")
+    g.add_argument("--model-option", dest="model_options", type=_model_option, action="append",
+                   metavar="KEY=VALUE", help="an option of the model's family, e.g. depth=28 widen=10 for the "
+                   "WideResNets (the model table in the README lists each family's); repeat for several")
     g.add_argument("--no-distill", dest="distill", action="store_false",
                    help="the plain backbone trained with cross-entropy only: the baseline")
-    g.add_argument("--head", choices=_heads(),
+    g.add_argument("--head", choices=_choices("head"),
                    help="shallow classifiers: bottleneck (default; the ICCV 2019 paper's) or attention (the TPAMI "
                         "2021 journal version's: a sigmoid attention mask, then depthwise-separable conv blocks)")
     g.add_argument("--pretrained", nargs="?", const="imagenet", metavar="PATH",
@@ -71,7 +100,7 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help=f"images per step (default {D.batch_size}); under torchrun the "
                    "global batch, split over the processes, so a recipe means the same on 1 or N of them")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
+    g.add_argument("--amp", choices=_choices("amp"),
                    help="mixed precision (default auto: bf16 on GPUs and CPUs that run it natively, fp16 on "
                         "older GPUs, else off)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
@@ -94,9 +123,9 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help=f"initial learning rate (default {D.lr})")
     g.add_argument("--momentum", type=float, help=f"SGD momentum (default {D.momentum})")
     g.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default {D.weight_decay})")
-    g.add_argument("--schedule", choices=("step", "cosine"),
+    g.add_argument("--schedule", choices=_choices("schedule"),
                    help="step (default): lr x0.1 at 75/130/180 of 200 epochs, scaled; cosine")
-    g.add_argument("--class-weights", choices=("none", "balanced"),
+    g.add_argument("--class-weights", choices=_choices("class_weights"),
                    help="balanced: label terms weighted by N / (K * n_class) for imbalanced classes")
     g.add_argument("--accum-steps", type=int, help="batches per optimizer step (effective batch = N x batch)")
     g.add_argument("--grad-checkpoint", action="store_true",
@@ -157,11 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if any)")
     bench.add_argument("--batch-size", type=int, default=128)
     bench.add_argument("--image-size", type=int, default=32, help="px (default 32)")
-    bench.add_argument("--width", type=int, default=64, help="base channels (default 64)")
-    bench.add_argument("--head", choices=_heads(), default=D.head, help="shallow classifiers")
+    bench.add_argument("--width", type=int, help="base channels (default: the family's)")
+    bench.add_argument("--head", choices=_choices("head"), default=D.head, help="shallow classifiers")
     bench.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    bench.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
+    bench.add_argument("--amp", choices=_choices("amp"), default="auto")
     bench.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     bench.add_argument("--compile", action="store_true")
     bench.add_argument("--variants", action="store_true",
@@ -214,8 +243,9 @@ def _add_deployment(sub: argparse._SubParsersAction, arch_help: str) -> None:
                          argument_default=argparse.SUPPRESS)
     exp.add_argument("arch", help=arch_help)
     exp.add_argument("--resume", required=True, help="the checkpoint to export")
-    exp.add_argument("--exit", dest="exit_number", default="4", help="exit 1-4, or 'all' (default 4)")
-    exp.add_argument("--format", dest="fmt", choices=("onnx", "torchscript", "safetensors"), default="onnx")
+    exp.add_argument("--exit", dest="exit_number", default="deepest",
+                     help="an exit's number (the stage it reads: 1-4 for the ResNets), 'deepest' (default) or 'all'")
+    exp.add_argument("--format", dest="fmt", choices=_export_formats(), default="onnx")
     exp.add_argument("--out", required=True, help="file to write (an existing file is refused without --force)")
     exp.add_argument("--force", action="store_true", help="replace an existing --out file (never the checkpoint)")
     exp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -236,7 +266,10 @@ def _cuda() -> bool:
 
 
 def _given(args: argparse.Namespace, *drop: str) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in ("command", "config_file", *drop)}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", *drop)}
+    if "model_options" in given:  # [(key, value), ...] from repeated --model-option
+        given["model_options"] = dict(given["model_options"])
+    return given
 
 
 def _setup_logging(progress_bar: bool, quiet: bool = False) -> None:
@@ -479,7 +512,7 @@ def format_variants(rows: list[dict]) -> str:
     base = rows[0]["train_images_per_s"]
     r0 = rows[0]
     lines = [f"{r0['arch']} (width {r0['width']}) on {r0['device']}, batch {r0['batch_size']}, {r0['image_size']} px",
-             f"{'variant':<18}{'amp':>6}{'train img/s':>13}{'x fp32':>8}{'peak MB':>9}{'infer img/s (exit 4)':>22}"]
+             f"{'variant':<18}{'amp':>6}{'train img/s':>13}{'x fp32':>8}{'peak MB':>9}{'infer img/s (deepest)':>22}"]
     for r in rows:
         lines.append(f"{r['variant']:<18}{r['amp']:>6}{r['train_images_per_s']:>13.1f}"
                      f"{r['train_images_per_s'] / base:>8.2f}{r['peak_memory_mb']:>9.0f}"

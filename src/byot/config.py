@@ -12,15 +12,20 @@ from typing import Any
 import yaml
 
 from byot.errors import ByotError
-from byot.models.exits import EXIT_HEADS
+from byot.values import convert
+from byot.models.exits import HEADS
+from byot.models.registry import model_spec, parse_exits
+from byot.models.resnet import STEMS
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # model
     arch: str = "multi_resnet18_kd"  # a name from byot.list_models()
-    width: int = 64  # base channels; stages use width * (1, 2, 4, 8) (x4 for bottleneck blocks)
-    stem: str = "auto"  # "cifar" (3x3/1), "imagenet" (7x7/2 + max-pool) or "auto" (from the image size)
+    width: int | None = None  # the family's base channels (ResNets: stages use width x (1, 2, 4, 8)); None: its own
+    stem: str | None = None  # ResNets, MobileNetV2: "cifar", "imagenet" or "auto" (from the image size); None: auto
+    model_options: dict = dataclasses.field(default_factory=dict)  # the family's other options (depth, widen, ...)
+    exits: str | None = None  # stages that get a shallow exit, e.g. "1,2,3"; None: the family's natural ones
     distill: bool = True  # False (--no-distill): plain backbone, cross-entropy only: the baseline
     head: str = "bottleneck"  # shallow classifiers: "bottleneck" (ICCV 2019 paper) or "attention" (TPAMI 2021)
     pretrained: str | None = None  # "imagenet" (torchvision's weights) or a state-dict file; exits stay fresh
@@ -66,7 +71,7 @@ class TrainConfig:
 
 
 # Options that fix the weights' shapes: a checkpoint's values win, and a different value is an error.
-MODEL_FIELDS = ("arch", "width", "stem", "distill", "head", "dataset", "image_size")
+MODEL_FIELDS = ("arch", "width", "stem", "model_options", "exits", "distill", "head", "dataset", "image_size")
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
 
@@ -149,46 +154,33 @@ def build_config(base: dict[str, Any], *overrides: dict[str, Any]) -> TrainConfi
         unknown = sorted(set(layer) - set(FIELD_NAMES))
         if unknown:
             raise ByotError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(FIELD_NAMES)}")
-        merged.update(layer)
+        for key, value in layer.items():  # the family's options add up over the layers, the others replace
+            both = key == "model_options" and isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = {**merged[key], **value} if both else value
     typed = {f.name: _coerce(f, merged[f.name]) for f in fields(TrainConfig) if f.name in merged}
     cfg = TrainConfig(**typed)
     _validate(cfg)
     return cfg
 
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
 def _coerce(field: dataclasses.Field, value: Any) -> Any:
     """``value`` as the field's type; a value of another kind (a list for a name, a word for a number,
     true for a width) is an error rather than something Python happens to convert."""
     kind = str(field.type)
+    if kind == "dict":
+        if not isinstance(value, dict):
+            raise ByotError(f"option {field.name} must be a mapping of names to values, not {_short(value)}")
+        return {str(k).replace("-", "_"): v for k, v in value.items()}
     if value is None:
         if "None" in kind:
             return None
         raise ByotError(f"option {field.name} cannot be empty")
     try:
-        return _convert(kind.split(" |")[0], value)
+        return convert(kind.split(" |")[0], value)
     except (TypeError, ValueError) as e:
         # YAML reads an unquoted on/off/yes/no as a boolean: `amp: off` arrives as False
         hint = "; YAML reads on/off/yes/no/true/false as a boolean: quote the word" if isinstance(value, bool) else ""
         raise ByotError(f"option {field.name}: cannot use {_short(value)} as {kind}{hint}") from e
-
-
-def _convert(kind: str, value: Any) -> Any:
-    if kind == "bool":
-        if isinstance(value, str) and value.lower() in (*_TRUE, *_FALSE):
-            return value.lower() in _TRUE
-        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-            return bool(value)
-        raise ValueError
-    if isinstance(value, (bool, list, dict)):  # YAML's yes/no, or a structure: never a number or a name
-        raise TypeError
-    if kind == "int":
-        if isinstance(value, float) and not value.is_integer():  # also NaN and inf
-            raise ValueError
-        return int(value)
-    return float(value) if kind == "float" else str(value)
 
 
 def _short(value: Any) -> str:
@@ -259,11 +251,14 @@ def check_range(name: str, value: float | None) -> None:
     raise ByotError(f"{flag} must {RANGES[name].describe()}, not {value!r}")
 
 
+# Every named option's choices, in one table: the flags' choices, the config's validation and the schedule
+# (byot.engine.train) all read it.
 CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("step", "cosine"),
-    "head": tuple(EXIT_HEADS),
+    "head": HEADS,
     "amp": ("auto", "bf16", "fp16", "off"),  # byot.engine.runtime resolves them
     "class_weights": ("none", "balanced"),
+    "stem": STEMS,
 }
 
 
@@ -271,9 +266,20 @@ def _validate(cfg: TrainConfig) -> None:
     for name in RANGES:
         check_range(name, getattr(cfg, name))
     for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
+        if getattr(cfg, name) is not None and getattr(cfg, name) not in allowed:
             listed = ", ".join(allowed[:-1]) + " or " + allowed[-1]
             raise ByotError(f"--{name.replace('_', '-')} must be {listed}, not {_short(getattr(cfg, name))}")
+    if cfg.exits is not None and not cfg.distill:
+        raise ByotError("--exits places shallow exits, which the plain backbone (--no-distill) does not have; "
+                        "drop one of them")
+    model_spec(cfg.arch, family_arguments(cfg))  # the family's options: names, types, ranges (one line if wrong)
+    parse_exits(cfg.exits)
+
+
+def family_arguments(cfg: TrainConfig) -> dict[str, Any]:
+    """The options the model family gets: --model-option's, with --width and --stem where given."""
+    given = {"width": cfg.width, "stem": cfg.stem}
+    return {**cfg.model_options, **{k: v for k, v in given.items() if v is not None}}
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -283,7 +289,10 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def check_model_options(saved: dict[str, Any], given: dict[str, Any], source: str) -> None:
     """Raise when an explicitly given model option disagrees with the checkpoint's."""
     clashes = [f"--{k.replace('_', '-')} {given[k]!r} (checkpoint: {saved.get(k)!r})"
-               for k in MODEL_FIELDS if k in given and k in saved and given[k] != saved[k]]
+               for k in MODEL_FIELDS if k in given and k in saved and k != "model_options" and given[k] != saved[k]]
+    options, stored = given.get("model_options") or {}, saved.get("model_options") or {}
+    clashes += [f"--model-option {k}={v!r} (checkpoint: {stored.get(k)!r})" for k, v in options.items()
+                if stored.get(k) != v]
     if clashes:
         raise ByotError(f"{source} was trained with other model options: {'; '.join(clashes)}; "
                         "drop these flags (the model is rebuilt from the checkpoint) or start a new run")

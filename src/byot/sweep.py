@@ -480,14 +480,17 @@ def write_results(summary: dict[str, Any], out: Path) -> list[Path]:
 
 def format_results(summary: dict[str, Any]) -> str:
     """The markdown table: top-1 (%) on the test split as mean ± sample std over seeds."""
+    # one column per exit number any row has (the stage it reads), so a 3-stage WideResNet and a 5-block VGG
+    # each show their real exits; a row without that exit (the plain backbone's shallow ones) shows "–"
+    numbers = sorted({int(k) for r in summary["rows"] for k in r.get("exits", {})}) or [1]
     lines = [f"### {summary['name']}", "",
-             "| configuration | exit 1 | exit 2 | exit 3 | exit 4 | ensemble | seeds | train min/run |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| configuration | " + " | ".join(f"exit {k}" for k in numbers) + " | ensemble | seeds | train min/run |",
+             "| --- |" + " ---: |" * (len(numbers) + 3)]
     for r in summary["rows"]:
         if "exits" not in r:
-            lines.append(f"| {r['name']} | | | | | | 0 | |")
+            lines.append(f"| {r['name']} |" + " |" * (len(numbers) + 1) + " 0 | |")
             continue
-        cells = [_cell(r["exits"].get(str(k))) for k in (1, 2, 3, 4)]
+        cells = [_cell(r["exits"].get(str(k))) for k in numbers]
         ensemble = _cell(r["ensemble"]) if len(r["exits"]) > 1 else "–"  # one exit: no ensemble to speak of
         lines.append(f"| {r['name']} | {' | '.join(cells)} | {ensemble} | {len(r['seeds'])} | "
                      f"{r['train_minutes']['mean']:.1f} |")

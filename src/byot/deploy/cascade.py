@@ -15,7 +15,7 @@ from torch import nn
 from byot.deploy.calibration import calibrated_softmax
 from byot.deploy.policy import ExitPolicy, mean_probs
 from byot.errors import ByotError
-from byot.models import MultiExitResNet
+from byot.models import MultiExitNet
 
 
 class EarlyExitResult(NamedTuple):
@@ -23,13 +23,13 @@ class EarlyExitResult(NamedTuple):
 
     predicted: torch.Tensor  # class index
     probability: torch.Tensor  # its calibrated probability at the answering exit
-    exit: torch.Tensor  # the answering exit's number (1 = after stage 1, ... 4 = the deepest)
+    exit: torch.Tensor  # the answering exit's number: the stage it reads (the deepest: the number of stages)
 
 
 class EarlyExitNet(nn.Module):
     """Wraps a trained multi-exit model (eval mode) with an exit policy."""
 
-    def __init__(self, model: MultiExitResNet, policy: ExitPolicy) -> None:
+    def __init__(self, model: MultiExitNet, policy: ExitPolicy) -> None:
         super().__init__()
         if len(policy.thresholds) != model.num_exits - 1:
             raise ByotError(f"the model has {model.num_exits} exits: the policy needs {model.num_exits - 1} "
@@ -46,16 +46,15 @@ class EarlyExitNet(nn.Module):
         exit_number = torch.empty(b, dtype=torch.long, device=x.device)
         alive = torch.arange(b, device=x.device)  # input positions of the samples still running
         seen: list[torch.Tensor] = []  # calibrated probabilities of the exits passed (ensemble only)
-        x = m.stem(x)
-        for stage_number, stage in enumerate(m.stages, start=1):
-            x = stage(x)  # (B_alive, C, H, W)
-            if stage_number not in m.exit_stages:
+        for step in m.path():
+            x = step.module(x)  # (B_alive, C, H, W)
+            if step.head is None:
                 continue
-            position = m.exit_stages.index(stage_number)
+            position = m.exit_stages.index(step.number)
             last = position == m.num_exits - 1
             if not last and policy.thresholds[position] > 1.0 and policy.final != "ensemble":
                 continue  # this head can never answer and the deepest exit needs nothing from it: skip it
-            probs = calibrated_softmax(m.heads[position](x)[0], policy.temperature(position))  # (B_alive, K)
+            probs = calibrated_softmax(step.head(x)[0], policy.temperature(position))  # (B_alive, K)
             if last:  # the final exit answers everyone left
                 answer = mean_probs([*seen, probs]) if policy.final == "ensemble" else probs
                 done = torch.ones(len(alive), dtype=torch.bool, device=x.device)
@@ -66,7 +65,7 @@ class EarlyExitNet(nn.Module):
                     seen.append(probs)
             p, c = answer[done].max(dim=1)
             leaving = alive[done]
-            predicted[leaving], probability[leaving], exit_number[leaving] = c, p, stage_number
+            predicted[leaving], probability[leaving], exit_number[leaving] = c, p, step.number
             keep = ~done
             alive, x = alive[keep], x[keep]
             seen = [s[keep] for s in seen]

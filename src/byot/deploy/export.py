@@ -21,38 +21,32 @@ import torch
 from torch import nn
 
 from byot.errors import ByotError, describe_os_error
-from byot.models import MultiExitResNet
+from byot.models import MultiExitNet
 
-FORMATS = ("onnx", "torchscript", "safetensors")
+FORMATS = ("onnx", "torchscript", "safetensors")  # the --format choices
 METADATA_KEY = "byot"  # the metadata entry (a JSON string) in every format
 ONNX_OPSET = 18
 
 
 class ExitNetwork(nn.Module):
-    """The stem, the stages up to the deepest chosen exit and the chosen heads; nothing else."""
+    """Normalisation, then the model's ``subnet`` of the chosen exits: the stem, the stages up to the deepest
+    chosen exit and the chosen heads; nothing else."""
 
-    def __init__(self, model: MultiExitResNet, exits: Sequence[int], mean: Sequence[float],
+    def __init__(self, model: MultiExitNet, exits: Sequence[int], mean: Sequence[float],
                  std: Sequence[float]) -> None:
         super().__init__()
-        unknown = [k for k in exits if k not in model.exit_stages]
-        if unknown or not exits:
-            raise ByotError(f"--exit {unknown or list(exits)}: this model's exits are "
-                            f"{', '.join(map(str, model.exit_stages))} (or 'all')")
-        self.exit_numbers = sorted(exits)
-        self.stem = model.stem
-        self.stages = nn.ModuleList(model.stages[: max(exits)])
-        self.heads = nn.ModuleList(model.heads[model.exit_stages.index(k)] for k in self.exit_numbers)
+        try:
+            self.net = model.subnet(exits)
+        except ByotError as e:
+            raise ByotError(f"--exit {', '.join(map(str, exits)) or '(none)'}: this model's exits are "
+                            f"{', '.join(map(str, model.exit_stages))} (or 'all')") from e
+        self.exit_numbers = list(self.net.exit_stages)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """images: float32 (B, 3, S, S) in [0, 1] -> (B, K) logits, or a tuple of them shallow to deep."""
-        x = self.stem((images - self.mean) / self.std)
-        outputs = []
-        for stage_number, stage in enumerate(self.stages, start=1):
-            x = stage(x)  # (B, C, H, W)
-            if stage_number in self.exit_numbers:
-                outputs.append(self.heads[self.exit_numbers.index(stage_number)](x)[0])
+        outputs = self.net((images - self.mean) / self.std).logits
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 

@@ -30,7 +30,7 @@ from byot.engine.evaluate import collect_logits
 from byot.engine.run import build_trained, check_checkpoint_fits, load_data, resolve_device
 from byot.engine.runtime import Runtime
 from byot.errors import ByotError
-from byot.models import MultiExitResNet
+from byot.models import MultiExitNet
 
 log = logging.getLogger("byot")
 
@@ -44,7 +44,7 @@ def _checkpoint_path(cfg: TrainConfig) -> Path:
     return Path(cfg.resume).expanduser()
 
 
-def _need_exits(model: MultiExitResNet) -> None:
+def _need_exits(model: MultiExitNet) -> None:
     if model.num_exits < 2:
         raise ByotError("this checkpoint is a plain backbone (--no-distill): it has one exit, nothing to exit early")
 
@@ -183,7 +183,7 @@ def _scored(logits: torch.Tensor, targets: torch.Tensor, policy: ExitPolicy, cos
     return {**stats, "speedup": costs[-1]["flops"] / stats["mean_flops"]}
 
 
-def time_policy(model: MultiExitResNet, policy: ExitPolicy, data: DataBundle, runtime: Runtime) -> list[dict]:
+def time_policy(model: MultiExitNet, policy: ExitPolicy, data: DataBundle, runtime: Runtime) -> list[dict]:
     """Wall-clock images/s of the full network (stem, stages, deepest head) and of the real early-exit
     cascade on test images spread over the split, at batch 1 and 64, plus the FLOP speed-up on the same images.
 
@@ -239,11 +239,11 @@ def resize_ratio(dataset: str) -> float:
 
 def export_checkpoint(cfg: TrainConfig, checkpoint: dict, exit_arg: str, fmt: str, out: Path,
                       force: bool = False) -> dict[str, Any]:
-    """Write exit ``exit_arg`` ("1".."4" or "all") of the checkpoint's model as one standalone file.
+    """Write exit ``exit_arg`` (an exit's number, "deepest" or "all") of the checkpoint's model as one standalone file.
     An existing ``out`` is refused unless ``force``; the checkpoint itself never."""
     check_output(out, force, _checkpoint_path(cfg))
     model, _ = build_trained(cfg, checkpoint, torch.device("cpu"))
-    exits = list(model.exit_stages) if exit_arg == "all" else [_exit_number(exit_arg)]
+    exits = {"all": list(model.exit_stages), "deepest": model.exit_stages[-1:]}.get(exit_arg) or [_exit_number(exit_arg)]
     mean, std = NORMALIZATION[cfg.dataset]
     net = ExitNetwork(model, exits, mean, std)
     position = [model.exit_stages.index(k) for k in net.exit_numbers]
@@ -279,4 +279,4 @@ def _exit_number(text: str) -> int:
     try:
         return int(text)
     except ValueError as e:
-        raise ByotError(f"--exit {text!r}: give an exit number (1-4) or 'all'") from e
+        raise ByotError(f"--exit {text!r}: give an exit's number, 'deepest' or 'all'") from e

@@ -24,7 +24,7 @@ from byot.engine.runtime import Runtime, build_optimizer, compile_model, make_ru
 from byot.engine.train import train_step
 from byot.errors import ByotError
 from byot.losses import SelfDistillLoss
-from byot.models import MultiExitResNet, create_model
+from byot.models import MultiExitNet, create_model
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class BenchSpec:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
-    width: int = 64
+    width: int | None = None  # the family's base channels; None: its default
     num_classes: int = 100
     head: str = "bottleneck"  # shallow classifiers
 
@@ -63,7 +63,7 @@ def _synthetic_batches(spec: BenchSpec, device: torch.device) -> TensorBatches:
     return TensorBatches(data, spec.batch_size, True, seed=0, device=device)
 
 
-def _time_training(model: MultiExitResNet, forward: torch.nn.Module, spec: BenchSpec, runtime: Runtime) -> float:
+def _time_training(model: MultiExitNet, forward: torch.nn.Module, spec: BenchSpec, runtime: Runtime) -> float:
     batches = _synthetic_batches(spec, runtime.device)
     optimizer = build_optimizer(model, 0.01, 0.9, 5e-4)
     scaler, loss_fn = runtime.grad_scaler(), SelfDistillLoss()
@@ -87,7 +87,7 @@ def _time_training(model: MultiExitResNet, forward: torch.nn.Module, spec: Bench
 
 
 @torch.inference_mode()
-def _time_inference(forward: torch.nn.Module, model: MultiExitResNet, spec: BenchSpec, runtime: Runtime,
+def _time_inference(forward: torch.nn.Module, model: MultiExitNet, spec: BenchSpec, runtime: Runtime,
                     depth: int) -> float:
     model.eval()
     images = torch.randint(0, 256, (spec.batch_size, 3, spec.image_size, spec.image_size), dtype=torch.uint8,
@@ -110,7 +110,8 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         raise ByotError("--device cuda asked for, but torch sees no CUDA GPU here")
     mean, std = NORMALIZATION["cifar100"]
     torch.manual_seed(0)
-    model = create_model(spec.arch, spec.num_classes, width=spec.width, image_size=spec.image_size, head=spec.head)
+    options = {} if spec.width is None else {"width": spec.width}
+    model = create_model(spec.arch, spec.num_classes, spec.image_size, head=spec.head, **options)
     runtime = make_runtime(device, mean, std, spec.amp, spec.channels_last, model)
     model = runtime.place(model)
     costs = exit_costs(model, spec.image_size)
@@ -141,7 +142,8 @@ def run_variants(spec: BenchSpec) -> list[dict[str, Any]]:
     for name, amp, channels_last, compiled in VARIANTS:
         args = [sys.executable, "-m", "byot", "bench", spec.arch, "--device", spec.device, "--batch-size",
                 str(spec.batch_size), "--image-size", str(spec.image_size), "--steps", str(spec.steps),
-                "--warmup", str(spec.warmup), "--width", str(spec.width), "--head", spec.head, "--amp", amp, "--json"]
+                "--warmup", str(spec.warmup), "--head", spec.head, "--amp", amp, "--json",
+                *(["--width", str(spec.width)] if spec.width is not None else [])]
         args += ([] if channels_last else ["--no-channels-last"]) + (["--compile"] if compiled else [])
         proc = subprocess.run(args, capture_output=True, text=True, check=False)
         if proc.returncode != 0:

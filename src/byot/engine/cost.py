@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from byot.models.resnet import MultiExitResNet
+from byot.models.base import MultiExitNet
 
 
-def _flops(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, Any]:
+def _flops(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     with FlopCounterMode(display=False) as counter:
         out = module(x)
     return counter.get_total_flops(), out
@@ -21,7 +19,7 @@ def _params(module: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def exit_costs(model: MultiExitResNet, image_size: int) -> list[dict[str, int]]:
+def exit_costs(model: MultiExitNet, image_size: int) -> list[dict[str, int]]:
     """[{"exit", "flops", "params", "head_flops"}] per exit for one (1, 3, S, S) image, counted on the model.
 
     The cost of exit k ("flops", "params") is the stem, stages 1..k and head k: what a deployment that
@@ -31,17 +29,14 @@ def exit_costs(model: MultiExitResNet, image_size: int) -> list[dict[str, int]]:
     was_training = model.training
     model.eval()
     x = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
-    flops, x = _flops(model.stem, x)
-    params = _params(model.stem)
+    flops = params = 0
     costs = []
-    for stage_index, stage in enumerate(model.stages, start=1):
-        stage_flops, x = _flops(stage, x)
-        flops, params = flops + stage_flops, params + _params(stage)
-        if stage_index in model.exit_stages:
-            head = model.heads[model.exit_stages.index(stage_index)]
-            head_flops, _ = _flops(head, x)
-            costs.append({"exit": stage_index, "flops": flops + head_flops, "params": params + _params(head),
+    for step in model.path():
+        step_flops, x = _flops(step.module, x)
+        flops, params = flops + step_flops, params + _params(step.module)
+        if step.head is not None:
+            head_flops, _ = _flops(step.head, x)
+            costs.append({"exit": step.number, "flops": flops + head_flops, "params": params + _params(step.head),
                           "head_flops": head_flops})
     model.train(was_training)
     return costs
-

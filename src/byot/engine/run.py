@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import logging.handlers
@@ -17,7 +18,15 @@ import torch
 from torch import nn
 
 from byot import __version__
-from byot.config import TrainConfig, build_config, check_model_options, config_to_dict, load_yaml, save_yaml
+from byot.config import (
+    TrainConfig,
+    build_config,
+    check_model_options,
+    config_to_dict,
+    family_arguments,
+    load_yaml,
+    save_yaml,
+)
 from byot.data import NORMALIZATION, DataBundle, Shard, build_data
 from byot.data.batches import ONE_PROCESS
 from byot.engine.checkpoint import (
@@ -57,9 +66,9 @@ from byot.engine.signals import critical_section
 from byot.engine.train import NonFiniteGuard, lr_at, train_one_epoch
 from byot.errors import ByotError, describe_os_error
 from byot.losses import SelfDistillLoss
-from byot.models import MultiExitResNet, create_model
+from byot.models import MultiExitNet, create_model
 from byot.models.pretrained import describe_load, load_pretrained
-from byot.models.resnet import stage_sizes
+from byot.models.registry import parse_exits, spec_record
 
 log = logging.getLogger("byot")
 
@@ -113,9 +122,14 @@ def find_resumable(run_dir: Path) -> tuple[str | None, dict | None]:
     return None, None
 
 
-def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> MultiExitResNet:
-    return create_model(cfg.arch, num_classes, width=cfg.width, stem=cfg.stem, image_size=image_size,
-                        exits=cfg.distill, head=cfg.head)
+def build_model(cfg: TrainConfig, num_classes: int, image_size: int, checkpoint: dict | None = None) -> MultiExitNet:
+    """The model ``cfg`` names; a checkpoint written before the multi-exit contract (no "model_spec") keeps
+    the attention mask it was trained with."""
+    legacy = checkpoint is not None and "model_spec" not in checkpoint and cfg.head == "attention"
+    if legacy:
+        log.info("this checkpoint predates byot 0.9: its attention exits keep their old ReLU -> sigmoid mask")
+    exits = parse_exits(cfg.exits) if cfg.distill else False
+    return create_model(cfg.arch, num_classes, image_size, exits, cfg.head, legacy, **family_arguments(cfg))
 
 
 def load_data(cfg: TrainConfig, device: torch.device, shard: Shard = ONE_PROCESS) -> DataBundle:
@@ -169,11 +183,12 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     model.load_state_dict(state)
 
 
-def _check_single_sample_batches(model: MultiExitResNet, data: DataBundle) -> None:
+def _check_single_sample_batches(model: MultiExitNet, data: DataBundle) -> None:
     # BatchNorm cannot train on one value per channel: a 1-image batch needs maps larger than 1x1.
     if min(data.train.batch_size, data.train.num_samples) > 1:
         return
-    if stage_sizes(model.spec.stem, data.image_size)[-1] < 2:
+    last = model.stage_shapes[-1]
+    if last.height * last.width < 2:
         raise ByotError(f"training batches of one image at {data.image_size} px leave 1x1 feature maps, which "
                         "BatchNorm cannot normalise; use --batch-size 2 or more, or a larger --image-size")
 
@@ -331,7 +346,7 @@ class Session:
 
     cfg: TrainConfig
     data: DataBundle
-    model: MultiExitResNet  # the module whose state is saved
+    model: MultiExitNet  # the module whose state is saved
     forward: nn.Module  # ``model`` or its torch.compile wrapper
     runtime: Runtime
     optimizer: torch.optim.Optimizer
@@ -352,7 +367,7 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = 
     device = init_distributed(ctx, resolve_device(cfg.device), cfg.batch_size)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg, device, ctx.shard)
-    model = build_model(cfg, len(data.classes), data.image_size)
+    model = build_model(cfg, len(data.classes), data.image_size, checkpoint)
     if cfg.sync_bn and ctx.active:
         model = convert_sync_batchnorm(model, device)  # same keys: checkpoints stay interchangeable
     if cfg.pretrained and checkpoint is None:
@@ -555,10 +570,7 @@ def _checkpoint_state(s: Session, epoch: int, best: float) -> dict[str, Any]:
     return {"version": __version__, "arch": cfg.arch, "num_classes": len(s.data.classes), "classes": s.data.classes,
             "image_size": s.data.image_size, "config": config_to_dict(cfg), "epoch": epoch, "best_top1": best,
             "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-            "scaler": s.scaler.state_dict(),
-            # the schedule is a pure function of (epoch, config): this records where it stands
-            "scheduler": {"kind": cfg.schedule, "next_lr": lr_at(min(epoch, cfg.epochs - 1), cfg.lr, cfg.epochs,
-                                                                 cfg.schedule)},
+            "scaler": s.scaler.state_dict(), "model_spec": spec_record(s.model),
             "rng": rng_state(), "nonfinite_steps": s.nonfinite_steps, "world_size": s.ctx.world_size}
 
 
@@ -567,9 +579,10 @@ def _log_start(s: Session, start_epoch: int, best: float) -> None:
     params = sum(p.numel() for p in model.parameters())
     if start_epoch:
         log.info("resumed from %s after epoch %d (best deepest-exit top-1 %.2f)", cfg.resume, start_epoch, best)
-    log.info("%s (%s stem, width %d, %d exits, %.2fM parameters) on %s, amp %s, channels_last %s, compile %s; "
-             "%s: %d train / %d test images, %d classes, %d px; run directory %s", cfg.arch, model.spec.stem,
-             cfg.width, model.num_exits, params / 1e6, s.runtime.device, _precisions(s), s.runtime.channels_last,
+    options = ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(model.spec).items())
+    log.info("%s (%s; exits after stages %s, %.2fM parameters) on %s, amp %s, channels_last %s, compile %s; "
+             "%s: %d train / %d test images, %d classes, %d px; run directory %s", cfg.arch, options,
+             ",".join(map(str, model.exit_stages)), params / 1e6, s.runtime.device, _precisions(s), s.runtime.channels_last,
              cfg.compile, cfg.dataset, data.train.num_samples, data.test.num_samples, len(data.classes),
              data.image_size, cfg.run_dir)
     counts = ", ".join(f"{name} {n}" for name, n in zip(data.classes, data.train_counts))
@@ -588,9 +601,9 @@ def _precisions(s: Session) -> str:
     return f"{train} (evaluation in {scored})" if train != "off" else "off"
 
 
-def build_trained(cfg: TrainConfig, checkpoint: dict, device: torch.device) -> tuple[MultiExitResNet, Runtime]:
+def build_trained(cfg: TrainConfig, checkpoint: dict, device: torch.device) -> tuple[MultiExitNet, Runtime]:
     """The checkpoint's model, in eval mode on ``device``, and the runtime (amp, memory format) to run it."""
-    model = build_model(cfg, checkpoint["num_classes"], checkpoint["image_size"])
+    model = build_model(cfg, checkpoint["num_classes"], checkpoint["image_size"], checkpoint)
     mean, std = NORMALIZATION[cfg.dataset]
     runtime = make_runtime(device, mean, std, cfg.amp, cfg.channels_last, model, training=False)
     load_model_state(model, checkpoint["model"], cfg.resume or "the checkpoint")

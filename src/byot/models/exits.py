@@ -1,5 +1,6 @@
-"""Shallow classifiers attached after stages 1-3, by name: "bottleneck" (the ICCV 2019 paper's) and
-"attention" (the TPAMI 2021 journal version's). Each maps a stage's map to (logits, pooled feature) with
+"""Shallow classifiers attached after chosen stages, by name: "bottleneck" (the ICCV 2019 paper's) and
+"attention" (the TPAMI 2021 journal version's). Each is built from its stage's output shape and the
+deepest stage's (``byot.models.base.StageShape``) and maps the stage's map to (logits, pooled feature) with
 the feature as wide as the deepest stage's, which the hint loss compares with the teacher's."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from byot.errors import ByotError
+from byot.models.base import StageShape
 
 
 def pooled_logits(fc: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,6 +24,8 @@ def pooled_logits(fc: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     and the linear layer run in fp32.
     """
     feature = x.float().mean(dim=(2, 3))  # (B, C)
+    if x.device.type == "meta":  # shapes only (parameter and FLOP counts): no autocast on the meta device
+        return fc(feature), feature
     with torch.autocast(x.device.type, enabled=False):
         return fc(feature), feature
 
@@ -37,7 +41,10 @@ class BottleneckExit(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, num_classes: int,
                  padding: int = 0) -> None:
         super().__init__()
-        mid = max(out_channels // 4, 1)  # the reference's bottleneck ratio
+        # the reference's bottleneck ratio (C_last / 4), but no wider than twice the stage: the same for the
+        # ResNets, and a head that stays a small part of the network where the deepest stage is very wide
+        # (MobileNetV2's 1280 channels would otherwise give its first head 6.5M parameters)
+        mid = max(min(out_channels // 4, 2 * in_channels), 1)
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, mid, kernel_size=1),
             nn.BatchNorm2d(mid),
@@ -71,12 +78,13 @@ class BackboneHead(nn.Module):
 class SepConv(nn.Sequential):
     """Two depthwise-separable 3x3 convolutions, the first strided: (B, C_in, H, W) -> (B, C_out, ceil(H/s), ...).
 
-    depthwise 3x3 (stride s) -> pointwise 1x1 -> BN -> ReLU -> depthwise 3x3 -> pointwise 1x1 to C_out -> BN -> ReLU,
-    as the journal version's shallow classifiers and attention modules use.
+    depthwise 3x3 (stride s) -> pointwise 1x1 -> BN -> ReLU -> depthwise 3x3 -> pointwise 1x1 to C_out -> BN
+    [-> ReLU], as the journal version's shallow classifiers and attention modules use; ``last_relu=False``
+    ends at the BN (the attention mask's logits, which a sigmoid then squashes).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 2) -> None:
-        super().__init__(
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2, last_relu: bool = True) -> None:
+        layers = [
             nn.Conv2d(in_channels, in_channels, 3, stride, 1, groups=in_channels, bias=False),
             nn.Conv2d(in_channels, in_channels, 1, bias=False),
             nn.BatchNorm2d(in_channels),
@@ -84,30 +92,29 @@ class SepConv(nn.Sequential):
             nn.Conv2d(in_channels, in_channels, 3, 1, 1, groups=in_channels, bias=False),
             nn.Conv2d(in_channels, out_channels, 1, bias=False),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
+        ]
+        super().__init__(*layers, *([nn.ReLU(inplace=True)] if last_relu else []))
 
 
 class AttentionExit(nn.Module):
     """The TPAMI 2021 shallow classifier: a learned sigmoid mask over the stage's map, then a chain of
-    SepConv blocks (each halving the size and doubling the channels) down to the deepest stage's size and
-    channels, global pool, linear.
+    SepConv blocks down to the deepest stage's size and channels, global pool, linear.
 
-    The mask is a SepConv of the map at half resolution, resized back to the map's size and squashed by a
-    sigmoid: it selects where the exit looks. It gates only the exit's input; the backbone runs on unmasked.
+    The mask is a SepConv of the map at half resolution ending in BN (as the journal's attention module),
+    resized back to the map's size and squashed by a sigmoid: values in (0, 1), so it can switch a place off
+    as well as keep it. It gates only the exit's input; the backbone runs on unmasked.
+    ``legacy_mask`` rebuilds the mask of byot checkpoints written before 0.9 (a ReLU before the sigmoid,
+    range [0.5, 1)), so that they still test to the accuracy they were trained to.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, strides: list[int], num_classes: int) -> None:
-        """One SepConv block per doubling of the channels (len(strides) of them); ``strides``: 2 while the
-        map is larger than the deepest stage's, 1 once it has that size (tiny inputs)."""
+    def __init__(self, channels: list[int], strides: list[int], num_classes: int, legacy_mask: bool = False) -> None:
+        """``channels``: the map's channels, then each SepConv block's output (the last is the deepest
+        stage's); ``strides``: each block's stride (2 while the map is larger than the deepest stage's)."""
         super().__init__()
-        if in_channels * 2 ** len(strides) != out_channels:
-            raise ByotError(f"attention exit: {in_channels} channels cannot reach {out_channels} by doubling "
-                            f"{len(strides)} times")
-        self.attention = SepConv(in_channels, in_channels)
-        self.body = nn.Sequential(*[SepConv(in_channels * 2**j, in_channels * 2 ** (j + 1), stride)
-                                    for j, stride in enumerate(strides)])
-        self.fc = nn.Linear(out_channels, num_classes)
+        self.attention = SepConv(channels[0], channels[0], last_relu=legacy_mask)
+        self.body = nn.Sequential(*[SepConv(c_in, c_out, stride)
+                                    for c_in, c_out, stride in zip(channels, channels[1:], strides)])
+        self.fc = nn.Linear(channels[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C_in, H, W) stage output -> (logits (B, classes), feature (B, out_channels))."""
@@ -123,30 +130,42 @@ def halvings(size: int, last_size: int) -> int:
     return steps
 
 
-def _bottleneck(in_channels: int, out_channels: int, size: int, last_size: int, num_classes: int) -> nn.Module:
-    k = math.ceil(size / last_size)  # the smallest stride that reaches the last stage's size
-    padding = math.ceil((k * last_size - size) / 2)  # floor((size + 2p - k) / k) + 1 == last_size exactly
-    return BottleneckExit(in_channels, out_channels, k, num_classes, padding)
+def bottleneck_head(shape: StageShape, last: StageShape, num_classes: int, stages_between: int = 1) -> nn.Module:
+    """The ICCV 2019 head for a stage of ``shape``: one strided kxk convolution reaches the deepest stage's size."""
+    k = max(math.ceil(shape.height / last.height), math.ceil(shape.width / last.width))
+    padding = math.ceil((k * last.height - shape.height) / 2)  # floor((H + 2p - k) / k) + 1 == last H
+    return BottleneckExit(shape.channels, last.channels, k, num_classes, padding)
 
 
-def _attention(in_channels: int, out_channels: int, size: int, last_size: int, num_classes: int) -> nn.Module:
-    doublings = round(math.log2(out_channels / in_channels))  # one block per stage between (channels x2 each)
-    halves = halvings(size, last_size)
-    if halves > doublings:
-        raise ByotError(f"attention exit: {size} px cannot reach {last_size} px in {doublings} stride-2 blocks")
-    return AttentionExit(in_channels, out_channels, [2] * halves + [1] * (doublings - halves), num_classes)
+def attention_head(shape: StageShape, last: StageShape, num_classes: int, stages_between: int = 1,
+                   legacy_mask: bool = False) -> nn.Module:
+    """The TPAMI 2021 head for a stage of ``shape``, ``stages_between`` stages before the deepest: one SepConv
+    block per stage between (as the journal's), more where the map must halve more often than that; the
+    channels grow geometrically from the stage's to the deepest's, so a family whose channels do not double
+    (VGG's last blocks, MobileNetV2's 1280) gets a chain all the same. For the ResNets each block doubles."""
+    halves = max(halvings(shape.height, last.height), halvings(shape.width, last.width))
+    blocks = max(halves, stages_between, 1)
+    ratio = last.channels / shape.channels
+    channels = [round(shape.channels * ratio ** (j / blocks)) for j in range(blocks + 1)]
+    return AttentionExit(channels, [2] * halves + [1] * (blocks - halves), num_classes, legacy_mask)
 
 
-# name -> builder(in_channels, out_channels, stage size px, deepest stage size px, num_classes)
-EXIT_HEADS: dict[str, Callable[[int, int, int, int, int], nn.Module]] = {
-    "bottleneck": _bottleneck,  # Zhang et al., ICCV 2019 (the reference implementation's ScalaNet)
-    "attention": _attention,  # Zhang et al., TPAMI 2021
+# name -> builder(stage shape, deepest stage shape, num_classes, stages between): the shallow classifiers
+EXIT_HEADS: dict[str, Callable[..., nn.Module]] = {
+    "bottleneck": bottleneck_head,  # Zhang et al., ICCV 2019 (the reference implementation's ScalaNet)
+    "attention": attention_head,  # Zhang et al., TPAMI 2021
 }
+HEADS = tuple(EXIT_HEADS)  # the --head choices
 
 
-def build_exit(head: str, in_channels: int, out_channels: int, size: int, last_size: int,
-               num_classes: int) -> nn.Module:
-    """The shallow classifier ``head`` for a stage of ``in_channels`` x ``size`` px."""
+def head_builder(head: str, legacy_attention: bool = False) -> Callable[..., nn.Module]:
+    """builder(stage shape, deepest shape, num_classes, stages between) of the shallow classifier ``head``."""
     if head not in EXIT_HEADS:
-        raise ByotError(f"unknown exit head {head!r}; choose one of {', '.join(EXIT_HEADS)}")
-    return EXIT_HEADS[head](in_channels, out_channels, size, last_size, num_classes)
+        raise ByotError(f"unknown exit head {head!r}; choose one of {', '.join(HEADS)}")
+    if head == "attention":
+        return lambda shape, last, k, between: attention_head(shape, last, k, between, legacy_attention)
+    return EXIT_HEADS[head]
+
+
+def deepest_head(last: StageShape, num_classes: int) -> nn.Module:
+    return BackboneHead(last.channels, num_classes)

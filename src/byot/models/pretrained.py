@@ -1,4 +1,5 @@
-"""ImageNet-pretrained backbones: torchvision ResNet weights loaded into a MultiExitResNet.
+"""ImageNet-pretrained backbones: torchvision ResNet weights (resnet18-152, resnext50_32x4d, wide_resnet50_2)
+loaded into a MultiExitResNet.
 
 torchvision and byot name the trunk the same way below the top level (``layer3.1.conv2`` is
 ``stages.2.1.conv2``, ``downsample.0/1`` alike), so one renaming of the top-level prefixes maps a
@@ -16,26 +17,33 @@ from typing import Any
 import torch
 
 from byot.errors import ByotError
-from byot.models.resnet import MultiExitResNet
+from byot.models.resnet import MultiExitResNet, ResNetSpec
 
 logger = logging.getLogger("byot")
 
 IMAGENET = "imagenet"  # the --pretrained value (or None) that means torchvision's ImageNet weights
 TORCHVISION_WIDTH = 64  # torchvision's ResNets all start with 64 channels
 # (block class name, blocks per stage) -> torchvision builder of the same trunk
-TORCHVISION_ARCHS = {
-    ("BasicBlock", (2, 2, 2, 2)): "resnet18",
-    ("BasicBlock", (3, 4, 6, 3)): "resnet34",
-    ("Bottleneck", (3, 4, 6, 3)): "resnet50",
-    ("Bottleneck", (3, 4, 23, 3)): "resnet101",
-    ("Bottleneck", (3, 8, 36, 3)): "resnet152",
+TORCHVISION_ARCHS = {  # (block, blocks per stage, groups, width per group) -> torchvision's builder
+    ("basic", (2, 2, 2, 2), 1, 64): "resnet18",
+    ("basic", (3, 4, 6, 3), 1, 64): "resnet34",
+    ("bottleneck", (3, 4, 6, 3), 1, 64): "resnet50",
+    ("bottleneck", (3, 4, 23, 3), 1, 64): "resnet101",
+    ("bottleneck", (3, 8, 36, 3), 1, 64): "resnet152",
+    ("bottleneck", (3, 4, 6, 3), 32, 4): "resnext50_32x4d",
+    ("bottleneck", (3, 4, 6, 3), 1, 128): "wide_resnet50_2",
 }
+RESNET_NAMES = [f"resnet{d}" for d in (18, 34, 50, 101, 152)] + ["resnext50_32x4d", "wide_resnet50_2"]
 SHOWN_NAMES = 3  # names listed per kind in describe_load's line
 
 
 def torchvision_arch(model: MultiExitResNet) -> str:
     """The torchvision builder ("resnet18", ..., "resnet152") whose trunk has ``model``'s blocks."""
-    key = (model.spec.block.__name__, tuple(model.spec.layers))
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, ResNetSpec):
+        raise ByotError(f"--pretrained loads torchvision ResNet weights (the ResNet family: {', '.join(RESNET_NAMES)}); "
+                        f"{getattr(model, 'arch', 'this model')} is not one")
+    key = (spec.block, tuple(spec.layers), spec.groups, spec.width_per_group)
     if key not in TORCHVISION_ARCHS:
         raise ByotError(f"no torchvision ResNet has {key[0]} blocks {key[1]}; pretrained weights need one")
     return TORCHVISION_ARCHS[key]
@@ -72,10 +80,10 @@ def load_pretrained(model: MultiExitResNet, source: str | Path | None) -> dict[s
     (model tensors the file lacks), "unexpected" (file tensors with no place in the model)}, names in
     torchvision's spelling. Raises ByotError when the residual stages do not all fit.
     """
+    arch = torchvision_arch(model)
     if model.spec.width != TORCHVISION_WIDTH:
         raise ByotError(f"pretrained ResNet weights need --width {TORCHVISION_WIDTH} (the model has width "
                         f"{model.spec.width})")
-    arch = torchvision_arch(model)
     if source is None or str(source) == IMAGENET:
         state, origin = _imagenet_state_dict(arch)
     else:

@@ -1,23 +1,64 @@
-"""One registry of model entry points: ``@register_model`` adds a builder, ``create_model`` calls it."""
+"""One registry of model names: each name is a family (a builder and a typed spec of its options) with some
+of those options fixed, timm-style (``multi_wrn28_10_kd`` is the WideResNet family at depth 28, widen 10).
+
+``create_model(name, num_classes, image_size=..., exits=..., head=..., **options)`` validates the options
+against the family's spec once (``model_spec``: unknown names, wrong types and out-of-range values are
+one-line errors) and builds the network on the multi-exit contract (``byot.models.base``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
-from torch import nn
-
 from byot.errors import ByotError
+from byot.models.base import MultiExitNet
+from byot.values import convert
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+@dataclass(frozen=True)
+class ExitOptions:
+    """What every family takes besides its own spec: the classes, the input size the heads are sized for,
+    where the shallow exits go and which kind they are."""
+
+    num_classes: int = 100
+    image_size: int = 32  # px; sizes the heads (a dry forward of the trunk at this size)
+    exits: bool | tuple[int, ...] = True  # True: the family's natural stages; False: the plain backbone
+    head: str = "bottleneck"  # shallow classifiers: "bottleneck" (ICCV 2019) or "attention" (TPAMI 2021)
+    legacy_attention: bool = False  # attention masks as byot wrote them before 0.9 (old checkpoints only)
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``fn`` under its function name (the name users type on the command line)."""
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__} registered twice")
-    _MODELS[fn.__name__] = fn
-    return fn
+@dataclass(frozen=True)
+class Family:
+    """A backbone family: ``spec`` is a frozen dataclass of its options (checked in its __post_init__),
+    ``build(spec, exit_options)`` the network. ``summary`` says what the family is, for the model table."""
+
+    name: str
+    spec: type
+    build: Callable[[Any, ExitOptions], MultiExitNet]
+    summary: str
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    family: Family
+    fixed: dict[str, Any]  # the registered configuration: options the name stands for (overridable)
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, family: Family, **fixed: Any) -> None:
+    """Register ``name`` as ``family`` with ``fixed`` options (the configuration the name says)."""
+    if name in _MODELS:
+        raise ValueError(f"model {name} registered twice")
+    unknown = set(fixed) - {f.name for f in fields(family.spec)}
+    if unknown:
+        raise ValueError(f"{name}: {family.name} has no option(s) {sorted(unknown)}")
+    _MODELS[name] = ModelEntry(name, family, dict(fixed))
 
 
 def list_models() -> list[str]:
@@ -25,13 +66,86 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, num_classes: int = 100, **options: Any) -> nn.Module:
-    """Build the registered architecture ``name``.
-
-    ``options`` go to the builder: ``width`` (base channels), ``stem`` ("cifar", "imagenet" or
-    "auto"), ``image_size`` (used by ``stem="auto"`` and to size the exits), ``exits`` (False: the
-    plain backbone with only its own head).
-    """
+def model_entry(name: str) -> ModelEntry:
     if name not in _MODELS:
         raise ByotError(f"unknown arch {name!r}; known: {', '.join(list_models())}")
-    return _MODELS[name](num_classes=num_classes, **options)
+    return _MODELS[name]
+
+
+def family_options(name: str) -> list[str]:
+    """The options ``name``'s family takes (``--width``, ``--stem`` and ``--model-option KEY=VALUE``)."""
+    return [f.name for f in fields(model_entry(name).family.spec)]
+
+
+def model_spec(name: str, options: dict[str, Any] | None = None) -> Any:
+    """The family spec of ``name`` with ``options`` over the name's fixed ones: typed, range-checked, frozen.
+
+    An option the family does not take, or a value of the wrong type or outside its range, is a ByotError
+    naming the option and what the family takes.
+    """
+    entry = model_entry(name)
+    kinds = {f.name: str(f.type) for f in fields(entry.family.spec)}
+    given = dict(options or {})
+    unknown = sorted(set(given) - set(kinds))
+    if unknown:
+        raise ByotError(f"{name} ({entry.family.name}) takes no option {', '.join(unknown)}; its options: "
+                        f"{', '.join(kinds)}")
+    values = {**entry.fixed}
+    for key, value in given.items():
+        kind = kinds[key].split(" |")[0]
+        if kind.startswith("tuple"):
+            values[key] = _int_tuple(key, value)
+            continue
+        try:
+            values[key] = convert(kind, value)
+        except (TypeError, ValueError) as e:
+            raise ByotError(f"{name}: option {key} must be {kind}, not {value!r}") from e
+    return entry.family.spec(**values)
+
+
+def _int_tuple(key: str, value: Any) -> tuple[int, ...]:
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    try:
+        return tuple(convert("int", v) for v in items)
+    except (TypeError, ValueError) as e:
+        raise ByotError(f"option {key} must be a list of whole numbers, not {value!r}") from e
+
+
+def parse_exits(text: str | Sequence[int] | None) -> bool | tuple[int, ...]:
+    """``--exits 1,2,3`` -> (1, 2, 3); None -> True (the family's natural stages)."""
+    if text is None:
+        return True
+    if isinstance(text, str):
+        parts = [p for p in text.replace(",", " ").split() if p]
+        try:
+            return tuple(int(p) for p in parts)
+        except ValueError as e:
+            raise ByotError(f"--exits {text!r}: give stage numbers separated by commas, e.g. 1,2,3") from e
+    return tuple(text)
+
+
+def create_model(name: str, num_classes: int = 100, image_size: int = 32, exits: bool | Sequence[int] = True,
+                 head: str = "bottleneck", legacy_attention: bool = False, **options: Any) -> MultiExitNet:
+    """Build the registered architecture ``name``.
+
+    ``exits``: True (shallow heads after the family's natural stages), False (the plain backbone: only its
+    own head) or the stage numbers that get a shallow head. ``image_size`` (px) sizes the heads (and picks
+    the stem where a family has ``stem="auto"``). ``options`` are the family's (``family_options(name)``):
+    e.g. ``width`` and ``stem`` for the ResNets, ``depth`` and ``widen`` for the WideResNets.
+    """
+    if num_classes < 1 or image_size < 1:
+        raise ByotError(f"num_classes and image_size must be positive (got {num_classes}, {image_size})")
+    spec = model_spec(name, options)
+    common = ExitOptions(num_classes, image_size, exits if isinstance(exits, bool) else tuple(exits), head,
+                         legacy_attention)
+    model = model_entry(name).family.build(spec, common)
+    model.arch, model.spec = name, spec
+    return model
+
+
+def spec_record(model: MultiExitNet) -> dict[str, Any]:
+    """What a checkpoint stores about the model's structure (descriptive; the config rebuilds it)."""
+    spec = model.spec
+    return {"family": model_entry(model.arch).family.name, "options": dataclasses.asdict(spec),
+            "exits": list(model.exit_stages),
+            "stage_shapes": [dataclasses.astuple(s) for s in model.stage_shapes]}

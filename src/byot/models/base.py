@@ -1,0 +1,189 @@
+"""The multi-exit contract every backbone family plugs into.
+
+A ``MultiExitNet`` is a stem, a list of stages run one after another, and heads: a shallow classifier
+after each chosen stage and the backbone's own head (global pool + linear) after the last stage, the
+teacher. A family builds only its stem and stages; the heads are sized from a dry forward of the trunk at
+the configured image size (each stage's output channels and spatial size), so any family, any input size
+and any choice of exit stages work the same way.
+
+``path()`` is the one walk of the network: forward, ``forward_exit``, cost counting
+(``byot.engine.cost``), the real early-exit cascade (``byot.deploy.cascade``), export (``subnet``) and
+gradient checkpointing all go through it. Exits are numbered by the stage they read (1 = after stage 1);
+the deepest exit's number is the number of stages.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from byot.errors import ByotError
+
+
+class MultiExitOutput(NamedTuple):
+    """What every byot model returns; lists run shallow to deep, the deepest (the teacher) last."""
+
+    logits: list[torch.Tensor]  # each (B, num_classes)
+    features: list[torch.Tensor]  # each (B, C_last): pooled features the hint loss compares
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """A stage's output map for one image: (channels, height, width)."""
+
+    channels: int
+    height: int
+    width: int
+
+
+class Step(NamedTuple):
+    """One step of the walk: the module to run (the stem is step 0), and the head that reads its output."""
+
+    number: int  # 0: the stem; k: stage k
+    module: nn.Module
+    head: nn.Module | None  # the exit after this stage, or None
+
+
+# builder(stage shape, deepest stage shape, num_classes, stages between it and the deepest) -> head module; a
+# head maps a stage's (B, C, H, W) map to (logits (B, classes), pooled feature (B, C_last))
+HeadBuilder = Callable[[StageShape, StageShape, int, int], nn.Module]
+
+
+def trunk_shapes(stem: nn.Module, stages: Sequence[nn.Module], image_size: int) -> list[StageShape]:
+    """Each stage's output shape for one (1, 3, S, S) image, from a dry forward (eval mode, no grad)."""
+    modes = [m.training for m in (stem, *stages)]
+    shapes = []
+    try:
+        with torch.no_grad():
+            x = stem.eval()(torch.zeros(1, 3, image_size, image_size))
+            for stage in stages:
+                x = stage.eval()(x)
+                shapes.append(StageShape(x.shape[1], x.shape[2], x.shape[3]))
+    except RuntimeError as e:  # a map shrunk below a kernel's size
+        first = str(e).strip().splitlines()[0]
+        raise ByotError(f"{image_size} px images are too small for this network's stages ({first}); use a larger "
+                        "--image-size") from e
+    finally:
+        for m, mode in zip((stem, *stages), modes):
+            m.train(mode)
+    return shapes
+
+
+def resolve_exits(exits: bool | Sequence[int], num_stages: int, natural: Sequence[int] | None = None) -> list[int]:
+    """The stages that get a shallow head: ``True`` the family's natural boundaries (default: every stage
+    but the last), ``False`` none (the plain backbone), or the given stage numbers (1 .. num_stages - 1)."""
+    if exits is False:
+        return []
+    if exits is True:
+        return list(natural if natural is not None else range(1, num_stages))
+    chosen = sorted(set(int(k) for k in exits))
+    bad = [k for k in chosen if not 1 <= k < num_stages]
+    if bad or not chosen:
+        raise ByotError(f"--exits {','.join(map(str, exits)) or '(empty)'}: this network has {num_stages} stages; "
+                        f"shallow exits go after stages 1 to {num_stages - 1} (the deepest exit, {num_stages}, is "
+                        "always there); give at least one")
+    return chosen
+
+
+class MultiExitNet(nn.Module):
+    """A stem, stages and heads; forward returns every exit's logits and pooled features, shallow to deep.
+
+    Subclasses (the families) build ``stem`` and ``stages`` and call ``attach_heads``.
+    """
+
+    stem: nn.Module
+    stages: nn.ModuleList
+    heads: nn.ModuleList
+
+    def attach_heads(self, image_size: int, num_classes: int, exits: Sequence[int], build_head: HeadBuilder,
+                     deepest: Callable[[StageShape, int], nn.Module]) -> None:
+        """Heads after the stages ``exits`` (built by ``build_head``) and after the last (``deepest``), sized
+        from a dry forward at ``image_size`` px."""
+        self.stage_shapes = trunk_shapes(self.stem, self.stages, image_size)
+        last = self.stage_shapes[-1]
+        n = len(self.stages)
+        heads = [build_head(self.stage_shapes[k - 1], last, num_classes, n - k) for k in exits]
+        heads.append(deepest(last, num_classes))
+        self.heads = nn.ModuleList(heads)
+        self.exit_stages = [*exits, len(self.stages)]  # the stage each head reads, shallow to deep
+        self.grad_checkpoint = False  # recompute each stage's activations in backward (saves memory)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
+
+    def head_after(self, stage_number: int) -> nn.Module | None:
+        return self.heads[self.exit_stages.index(stage_number)] if stage_number in self.exit_stages else None
+
+    def path(self, depth: int | None = None) -> list[Step]:
+        """The walk: the stem, then stages 1..``depth`` (default all), each with the head that reads it."""
+        last = len(self.stages) if depth is None else depth
+        return [Step(0, self.stem, None),
+                *(Step(k, self.stages[k - 1], self.head_after(k)) for k in range(1, last + 1))]
+
+    def run(self, step: Step, x: torch.Tensor) -> torch.Tensor:
+        """One step of the walk; stages are recomputed in backward under ``grad_checkpoint``."""
+        if step.number and self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(step.module, x, use_reentrant=False)
+        return step.module(x)
+
+    def forward(self, x: torch.Tensor, depth: int | None = None) -> MultiExitOutput:
+        """x: (B, 3, H, W) normalised images -> every exit's logits and features.
+
+        ``depth`` stops after that stage: only the exits up to it are computed (the compute an early-exit
+        deployment pays for).
+        """
+        logits: list[torch.Tensor] = []
+        features: list[torch.Tensor] = []
+        for step in self.path(depth):
+            x = self.run(step, x)  # (B, C_stage, H_stage, W_stage)
+            if step.head is not None:
+                out, feature = step.head(x)
+                logits.append(out)
+                features.append(feature)
+        return MultiExitOutput(logits, features)
+
+    def forward_exit(self, x: torch.Tensor, exit_number: int) -> torch.Tensor:
+        """x: (B, 3, H, W) normalised images -> (B, num_classes) logits of one exit, running only the stem,
+        the stages up to it and its own head (what a deployment of that exit alone computes)."""
+        self.check_exits([exit_number])
+        for step in self.path(exit_number):
+            x = step.module(x)
+        return self.head_after(exit_number)(x)[0]  # type: ignore[misc]
+
+    def check_exits(self, exits: Sequence[int]) -> None:
+        unknown = [k for k in exits if k not in self.exit_stages]
+        if unknown or not exits:
+            raise ByotError(f"exit {', '.join(map(str, unknown or exits)) or '(none)'}: this model's exits are "
+                            f"{', '.join(map(str, self.exit_stages))}")
+
+    def subnet(self, exits: Sequence[int]) -> MultiExitNet:
+        """The same network cut after the deepest of ``exits``, with only their heads (modules shared, not
+        copied): what a deployment of those exits runs and exports."""
+        self.check_exits(exits)
+        chosen = sorted(set(exits))
+        net = copy.copy(self)
+        net._modules = dict(self._modules)
+        net.stages = nn.ModuleList(self.stages[: chosen[-1]])
+        net.heads = nn.ModuleList(self.head_after(k) for k in chosen)
+        net.exit_stages = chosen
+        net.stage_shapes = self.stage_shapes[: chosen[-1]]
+        return net
+
+
+def init_conv_bn(model: nn.Module) -> None:
+    """Kaiming-normal (fan-out) convolutions, BatchNorm at identity, zero biases: the torchvision ResNet init."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
