@@ -43,7 +43,8 @@ def test_train_writes_every_artefact(tmp_path, cifar100_small, capsys):
     assert "ensemble" in out and "exit" in out
     checkpoint = torch.load(run / "checkpoint_latest.pth.tar", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["width"] == 4 and checkpoint["version"]
-    assert {"model", "optimizer", "scheduler", "rng", "best_top1", "classes"} <= set(checkpoint)
+    assert {"model", "optimizer", "model_spec", "rng", "best_top1", "classes"} <= set(checkpoint)
+    assert "scheduler" not in checkpoint  # the schedule is a pure function of (epoch, config)
 
 
 def test_test_json_schema(tmp_path, cifar100_small, capsys):

@@ -102,8 +102,11 @@ def test_pure_functions_and_exit_names():
     assert set(terms) == {"loss", "ce/exit4"}
 
 
-def test_rejects_bad_weights():
-    with pytest.raises(ValueError):
-        SelfDistillLoss(alpha=1.5)
-    with pytest.raises(ValueError):
-        SelfDistillLoss(temperature=0.0)
+def test_bad_weights_are_refused_once_by_the_config():
+    from byot.config import build_config
+    from byot.errors import ByotError
+
+    with pytest.raises(ByotError, match="--alpha must lie in"):
+        build_config({}, {"alpha": 1.5})
+    with pytest.raises(ByotError, match="--temperature must be positive"):
+        build_config({}, {"temperature": 0.0})

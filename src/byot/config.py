@@ -12,10 +12,10 @@ from typing import Any
 import yaml
 
 from byot.errors import ByotError
-from byot.values import convert
 from byot.models.exits import HEADS
 from byot.models.registry import model_spec, parse_exits
 from byot.models.resnet import STEMS
+from byot.values import convert
 
 
 @dataclass(frozen=True)

@@ -43,19 +43,21 @@ def feature_hint(feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.
     return ((feature - teacher_feature) ** 2 * mask).sum()
 
 
+def term_kind(name: str) -> str:
+    """"ce", "kd" or "hint": the kind of a named term ("kd/exit2" -> "kd")."""
+    return name.split("/", 1)[0]
+
+
 class SelfDistillLoss:
     """Applies the weights and returns every named term; ``out["loss"]`` is the total.
 
     ``alpha``: share of the KD term (0 gives deep supervision: every exit learns from labels only).
     ``beta``: weight of the feature hint. ``temperature``: softens the teacher; KD scaled by T**2.
+    The values are checked once, in the run configuration (``byot.config.RANGES``).
     """
 
     def __init__(self, alpha: float = 0.1, beta: float = 1e-6, temperature: float = 3.0,
                  class_weights: torch.Tensor | None = None) -> None:
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        if beta < 0 or temperature <= 0:
-            raise ValueError(f"beta must be >= 0 and temperature > 0, got {beta}, {temperature}")
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.class_weights = class_weights  # (K,) weights of the label terms, or None
 
@@ -76,20 +78,15 @@ class SelfDistillLoss:
         for k, z, f in zip(ids[:-1], output.logits[:-1], output.features[:-1]):
             terms[f"kd/exit{k}"] = soft_cross_entropy(z, teacher_probs, self.temperature)
             terms[f"hint/exit{k}"] = feature_hint(f, teacher_feature)
-        return {"loss": self.objective(terms), **terms}
+        return {"loss": self.total(terms), **terms}
 
-    def objective(self, terms: dict[str, torch.Tensor], batch_share: float | torch.Tensor = 1.0,
-                  hint_scale: float = 1.0, ce_share: float | torch.Tensor | None = None) -> torch.Tensor:
-        """The weighted total of named ``terms``; ``batch_share`` is this batch's share of an
-        accumulated optimizer batch. The label and KD terms are batch means, so they are scaled by
-        it; the hint is a sum over the batch already, so it is not: accumulated gradients then
-        equal those of the whole batch at once. ``hint_scale`` multiplies the hint (by the number of
-        processes under DistributedDataParallel, whose gradient averaging would otherwise divide it).
-        ``ce_share`` replaces ``batch_share`` for the label terms when they are class-weighted means,
-        whose share is this batch's part of the whole batch's summed class weights."""
-        ce = sum(v for name, v in terms.items() if name.startswith("ce/"))
-        kd = sum((v for name, v in terms.items() if name.startswith("kd/")), torch.zeros(()))
-        hint = sum((v for name, v in terms.items() if name.startswith("hint/")), torch.zeros(()))
-        ce_share = batch_share if ce_share is None else ce_share
-        return (ce_share * (1.0 - self.alpha) * ce + batch_share * self.alpha * self.temperature**2 * kd
-                + self.beta * hint_scale * hint)
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each kind of term's weight in the total."""
+        return {"ce": 1.0 - self.alpha, "kd": self.alpha * self.temperature**2, "hint": self.beta}
+
+    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of named ``terms`` (any "loss" entry left out)."""
+        weights = self.weights
+        parts = [weights[term_kind(name)] * v for name, v in terms.items() if name != "loss"]
+        return sum(parts[1:], parts[0]) if parts else torch.zeros(())

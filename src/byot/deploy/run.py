@@ -27,7 +27,13 @@ from byot.deploy.policy import NEVER, ExitPolicy, exit_flops, fit_thresholds, po
 from byot.engine.checkpoint import DIGEST, update_checkpoint
 from byot.engine.cost import exit_costs
 from byot.engine.evaluate import collect_logits
-from byot.engine.run import build_trained, check_checkpoint_fits, load_data, resolve_device
+from byot.engine.run import (
+    build_trained,
+    check_checkpoint_fits,
+    checkpoint_normalization,
+    load_data,
+    resolve_device,
+)
 from byot.engine.runtime import Runtime
 from byot.errors import ByotError
 from byot.models import MultiExitNet
@@ -244,7 +250,7 @@ def export_checkpoint(cfg: TrainConfig, checkpoint: dict, exit_arg: str, fmt: st
     check_output(out, force, _checkpoint_path(cfg))
     model, _ = build_trained(cfg, checkpoint, torch.device("cpu"))
     exits = {"all": list(model.exit_stages), "deepest": model.exit_stages[-1:]}.get(exit_arg) or [_exit_number(exit_arg)]
-    mean, std = NORMALIZATION[cfg.dataset]
+    mean, std = checkpoint_normalization(checkpoint, NORMALIZATION[cfg.dataset])
     net = ExitNetwork(model, exits, mean, std)
     position = [model.exit_stages.index(k) for k in net.exit_numbers]
     temperatures = _temperatures(checkpoint, True, model.num_exits)

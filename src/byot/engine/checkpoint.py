@@ -16,6 +16,7 @@ import torch
 
 from byot import __version__
 from byot.engine.faults import fault_point, reached
+from byot.engine.reference import convert_reference, is_reference_checkpoint
 from byot.engine.rundir import stale_temporaries, write_lock
 from byot.errors import ByotError, describe_os_error
 
@@ -142,9 +143,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # truncated, corrupt, or holds objects weights_only refuses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ByotError(f"cannot read checkpoint {path} (truncated, corrupt or not a byot checkpoint): {first}") from e
-    if not isinstance(state, dict) or not str(state.get("format", "")).startswith(FORMAT_PREFIX):
-        raise ByotError(f"{path} is not a byot checkpoint (no '{FORMAT}' marker)")
-    if state["format"] != FORMAT:
+    if is_reference_checkpoint(state):  # the published reference script's own files
+        state = convert_reference(state, str(path))
+    elif not isinstance(state, dict) or not str(state.get("format", "")).startswith(FORMAT_PREFIX):
+        raise ByotError(f"{path} is not a byot checkpoint (no '{FORMAT}' marker) nor one of the reference "
+                        "script's ({'epoch', 'arch', 'state_dict', 'best_prec1'})")
+    elif state["format"] != FORMAT:
         raise ByotError(f"{path} was written by byot {state.get('version', '?')} in checkpoint format "
                         f"{state['format']}; this byot ({__version__}) reads {FORMAT}: use a byot version that "
                         "reads it")
@@ -196,6 +200,10 @@ OPTIONAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "scaler": ("a mapping", lambda v: isinstance(v, dict)),
     "nonfinite_steps": ("an integer >= 0", lambda v: _count(v, 0)),
     "world_size": ("an integer >= 1", lambda v: _count(v, 1)),
+    "model_spec": ("a mapping", lambda v: isinstance(v, dict)),
+    "normalization": ("[mean, std] of 3 numbers each",
+                      lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(
+                          isinstance(x, (list, tuple)) and len(x) == 3 and all(_is_number(t) for t in x) for x in v)),
     "calibration": ("a mapping whose 'temperatures' are positive numbers",
                     lambda v: isinstance(v, dict) and _positive_numbers(v.get("temperatures"))),
     "early_exit": ("a mapping of 'thresholds' (numbers), 'temperatures' (positive numbers) and 'final'",
@@ -210,7 +218,10 @@ OPTIONAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
 def checkpoint_problem(state: dict[str, Any]) -> str | None:
     """What is wrong with the structure of a checkpoint's fields, or None: hand-edited or damaged files
     are refused on load, not half-used."""
+    reference = state.get("reference") is not None  # converted from the reference script: weights only
     for name, (what, ok) in REQUIRED_FIELDS.items():
+        if reference and name in ("optimizer", "rng", "classes"):
+            continue
         if name not in state:
             return f"it has no '{name}' field"
         if not ok(state[name]):
@@ -218,7 +229,7 @@ def checkpoint_problem(state: dict[str, Any]) -> str | None:
     for name, (what, ok) in OPTIONAL_FIELDS.items():
         if state.get(name) is not None and not ok(state[name]):
             return f"'{name}' must be {what}"
-    if len(state["classes"]) != state["num_classes"]:
+    if state["classes"] is not None and len(state["classes"]) != state["num_classes"]:
         return f"'classes' lists {len(state['classes'])} names for num_classes {state['num_classes']}"
     return None
 

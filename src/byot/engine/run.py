@@ -50,7 +50,7 @@ from byot.engine.distributed import (
     wrap_ddp,
 )
 from byot.engine.evaluate import evaluate
-from byot.engine.faults import fault_point
+from byot.engine.faults import fault_point, with_loss_faults
 from byot.engine.reports import class_counts, per_class_table, write_confusion
 from byot.engine.rundir import BEST, LATEST, METRICS, PREVIOUS, TEST_RESULT, clear_run, run_lock
 from byot.engine.runtime import (
@@ -127,7 +127,7 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int, checkpoint:
     the attention mask it was trained with."""
     legacy = checkpoint is not None and "model_spec" not in checkpoint and cfg.head == "attention"
     if legacy:
-        log.info("this checkpoint predates byot 0.9: its attention exits keep their old ReLU -> sigmoid mask")
+        log.info("this checkpoint predates byot 0.2: its attention exits keep their old ReLU -> sigmoid mask")
     exits = parse_exits(cfg.exits) if cfg.distill else False
     return create_model(cfg.arch, num_classes, image_size, exits, cfg.head, legacy, **family_arguments(cfg))
 
@@ -154,9 +154,13 @@ def balanced_class_weights(counts: list[int], device: torch.device) -> torch.Ten
 
 
 def check_checkpoint_fits(checkpoint: dict, data: DataBundle, source: str) -> None:
+    """The data's classes are the checkpoint's (a reference-script checkpoint, which names none, takes the
+    data's names once the count agrees)."""
     if checkpoint["num_classes"] != len(data.classes):
         raise ByotError(f"{source} has {checkpoint['num_classes']} classes but the data has {len(data.classes)}; "
                         "use the data set it was trained on")
+    if checkpoint["classes"] is None:
+        checkpoint["classes"] = list(data.classes)
     saved = list(checkpoint["classes"])
     if saved != list(data.classes):  # same count, other names or order: every label would mean another class
         pairs = [f"{i}: {a!r} (checkpoint) vs {b!r} (data)" for i, (a, b) in enumerate(zip(saved, data.classes))
@@ -354,6 +358,7 @@ class Session:
     loss_fn: SelfDistillLoss
     nonfinite_steps: int = 0  # optimizer steps skipped so far for a non-finite loss (--skip-nonfinite)
     ctx: DistContext = SINGLE  # this process's rank under torchrun
+    normalization: list | None = None  # [mean, std] a checkpoint trained with, where not the data set's
 
     @property
     def eval_runtime(self) -> Runtime:
@@ -373,7 +378,8 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = 
     if cfg.pretrained and checkpoint is None:
         source = None if cfg.pretrained == "imagenet" else cfg.pretrained
         log.info("pretrained backbone: %s", describe_load(load_pretrained(model, source)))
-    runtime = make_runtime(device, data.mean, data.std, cfg.amp, cfg.channels_last, model)
+    mean, std = checkpoint_normalization(checkpoint, (data.mean, data.std))
+    runtime = make_runtime(device, mean, std, cfg.amp, cfg.channels_last, model)
     model = runtime.place(model)
     _check_single_sample_batches(model, data)
     optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
@@ -390,14 +396,28 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = 
     forward = wrap_ddp(forward, ctx, device)
     model.grad_checkpoint = cfg.grad_checkpoint
     skipped = checkpoint.get("nonfinite_steps", 0) if checkpoint else 0
-    return Session(cfg, data, model, forward, runtime, optimizer, scaler, build_loss(cfg, data, device), skipped,
-                   ctx)
+    loss_fn = with_loss_faults(build_loss(cfg, data, device))  # the loss itself outside the fault-injection tests
+    return Session(cfg, data, model, forward, runtime, optimizer, scaler, loss_fn, skipped,
+                   ctx, checkpoint.get("normalization") if checkpoint else None)
+
+
+def checkpoint_normalization(checkpoint: dict | None, default: tuple) -> tuple:
+    """The (mean, std) a checkpoint's model was trained with: its own where it says (a reference-script
+    checkpoint), else ``default`` (the data set's)."""
+    stored = checkpoint.get("normalization") if checkpoint else None
+    return (tuple(stored[0]), tuple(stored[1])) if stored else default
 
 
 def _restore_training_state(checkpoint: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                             source: str) -> None:
     """Optimizer, scaler and RNG state of a resume; contents that do not fit (a hand-edited or damaged
-    file that kept the right field types) are one clear error, not torch's traceback."""
+    file that kept the right field types) are one clear error, not torch's traceback. A reference-script
+    checkpoint has none: training goes on with a fresh optimizer at the schedule's rate for its epoch."""
+    if checkpoint.get("reference") is not None:
+        log.warning("%s is a reference-script checkpoint: it holds no optimizer state, so training continues "
+                    "after epoch %d with a fresh SGD optimizer (no momentum yet) at the schedule's learning rate",
+                    source, checkpoint["epoch"])
+        return
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scaler"):
@@ -571,6 +591,7 @@ def _checkpoint_state(s: Session, epoch: int, best: float) -> dict[str, Any]:
             "image_size": s.data.image_size, "config": config_to_dict(cfg), "epoch": epoch, "best_top1": best,
             "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
             "scaler": s.scaler.state_dict(), "model_spec": spec_record(s.model),
+            **({"normalization": s.normalization} if s.normalization else {}),
             "rng": rng_state(), "nonfinite_steps": s.nonfinite_steps, "world_size": s.ctx.world_size}
 
 
@@ -604,7 +625,7 @@ def _precisions(s: Session) -> str:
 def build_trained(cfg: TrainConfig, checkpoint: dict, device: torch.device) -> tuple[MultiExitNet, Runtime]:
     """The checkpoint's model, in eval mode on ``device``, and the runtime (amp, memory format) to run it."""
     model = build_model(cfg, checkpoint["num_classes"], checkpoint["image_size"], checkpoint)
-    mean, std = NORMALIZATION[cfg.dataset]
+    mean, std = checkpoint_normalization(checkpoint, NORMALIZATION[cfg.dataset])
     runtime = make_runtime(device, mean, std, cfg.amp, cfg.channels_last, model, training=False)
     load_model_state(model, checkpoint["model"], cfg.resume or "the checkpoint")
     return runtime.place(model).eval(), evaluation_runtime(runtime, cfg.amp)

@@ -13,15 +13,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from byot.config import CHOICES
 from byot.data import Batches
 from byot.engine.distributed import all_reduce_max, all_reduce_sum
-from byot.engine.faults import fault_point, reached
+from byot.engine.faults import fault_point
 from byot.engine.runtime import Runtime
 from byot.errors import ByotError
-from byot.losses import SelfDistillLoss
+from byot.losses import SelfDistillLoss, term_kind
 
 log = logging.getLogger("byot.train")
 
+SCHEDULES = CHOICES["schedule"]
 REFERENCE_EPOCHS = 200
 REFERENCE_MILESTONES = (75, 130, 180)  # of 200 epochs: lr x0.1 at each
 
@@ -32,6 +34,8 @@ def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str) -> float:
     "step": the reference's x0.1 at epochs 75, 130, 180 of 200, scaled to ``epochs``;
     "cosine": half a cosine from ``base_lr`` to 0 over ``epochs``.
     """
+    if schedule not in SCHEDULES:
+        raise ByotError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if schedule == "cosine":
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     # at least epoch 1: a short run never starts below the base rate
@@ -50,34 +54,22 @@ def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, torch.Tenso
                keep_bn_on_nonfinite: bool = False, global_total: int | None = None,
                world_size: int = 1) -> StepResult:
     """One optimizer step over ``group``: one uint8 batch (B, 3, H, W) with its labels, or several
-    whose gradients accumulate (--accum-steps).
+    whose gradients accumulate (--accum-steps); under torchrun this process's part of the global batch(es)
+    of ``global_total`` images (``BatchWeights`` makes the gradient the one-process gradient of it all).
 
-    Under torchrun ``group`` is this process's part of the global batch(es) of ``global_total`` samples;
-    DistributedDataParallel averages the processes' gradients, so each batch's KD means are weighted by
-    world_size x its share of the global batch's images, its label means by world_size x its share of
-    the global batch's class weights (its images, without --class-weights), and the hint (a sum) by
-    world_size: the gradient is then the one-process gradient of the whole global batch.
-
-    The scaler skips the update when a gradient is not finite (on the device with fused SGD; other
-    optimizers read its flag on the host). ``keep_bn_on_nonfinite`` also undoes such a step's BatchNorm
-    statistics (for --skip-nonfinite, where training goes on after it).
+    The scaler skips the update when a gradient is not finite; ``keep_bn_on_nonfinite`` also undoes such a
+    step's BatchNorm statistics (for --skip-nonfinite, where training goes on after it).
     """
-    weigh = _BatchWeights(loss_fn, group, global_total, world_size)
+    weigh = BatchWeights(loss_fn, group, global_total, world_size)
+    snapshot = BatchNormSnapshot(model) if keep_bn_on_nonfinite else None
     optimizer.zero_grad(set_to_none=True)
-    snapshot = _bn_buffers(model) if keep_bn_on_nonfinite else []
-    saved = [b.clone() for b in snapshot]
     results, objectives = [], []
     for i, (images, targets) in enumerate(group):
-        # accumulating under DDP: all-reduce the gradients once, after the group's last batch
-        sync = model.no_sync() if hasattr(model, "no_sync") and i < len(group) - 1 else contextlib.nullcontext()
-        with sync:
+        with _gradients_reduced_after_last(model, i == len(group) - 1):
             with runtime.autocast():
                 output = model(runtime.inputs(images))
             terms = loss_fn(output, targets, exit_ids)  # fp32, outside autocast
-            if reached("nonfinite_loss"):  # fault injection (tests): this step's KD term of exit 2 becomes NaN
-                terms["kd/exit2"] = terms["kd/exit2"] * float("nan")
-                terms["loss"] = loss_fn.objective({k: v for k, v in terms.items() if k != "loss"})
-            objective = weigh.objective(terms, targets)
+            objective = weigh(terms, targets)
             with _bn_statistics_kept(model):
                 scaler.scale(objective).backward()
         results.append((terms, [z.detach() for z in output.logits]))
@@ -86,16 +78,23 @@ def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, torch.Tenso
     runtime.update_scaler(scaler)
     # one verdict for every process: a NaN in one process's loss poisons the averaged gradients of all
     bad = all_reduce_max((~torch.isfinite(torch.stack(objectives)).all()).float()) > 0
-    with torch.no_grad():
-        for b, v in zip(snapshot, saved):
-            b.copy_(torch.where(bad, v, b))
+    if snapshot is not None:
+        snapshot.restore_if(bad)
     return StepResult(results, bad)
 
 
-class _BatchWeights:
-    """Each batch's objective within an optimizer step (see ``train_step``): the loss as it is for one whole
-    batch in one process; otherwise its means weighted by the batch's share of the step's images (class
-    weights, for the label terms) times the number of processes, and the hint by the number of processes."""
+def _gradients_reduced_after_last(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Accumulating under DDP: all-reduce the gradients once, after the group's last batch."""
+    return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+
+
+class BatchWeights:
+    """Each batch's objective within an optimizer step: the loss's own total for one whole batch in one
+    process; otherwise each term scaled before the loss's weighted total. Label and KD terms are batch
+    means, so they are scaled by the batch's share of the step's images (for class-weighted label terms, of
+    the step's summed class weights) times the number of processes (DistributedDataParallel averages the
+    processes' gradients); the hint is a sum already and is scaled by the number of processes alone. The
+    accumulated, averaged gradient is then the one-process gradient of the whole step's images."""
 
     def __init__(self, loss_fn: SelfDistillLoss, group: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  global_total: int | None, world_size: int) -> None:
@@ -107,12 +106,26 @@ class _BatchWeights:
         if self.weights is not None and not self.exact:
             self.weight_total = all_reduce_sum(sum(self.weights[t].sum() for _, t in group).detach().clone())
 
-    def objective(self, terms: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, terms: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         if self.exact:
             return terms["loss"]
         share = self.world * len(targets) / self.total
-        ce_share = None if self.weight_total is None else self.world * self.weights[targets].sum() / self.weight_total
-        return self.loss_fn.objective(terms, share, hint_scale=self.world, ce_share=ce_share)
+        ce_share = share if self.weight_total is None else self.world * self.weights[targets].sum() / self.weight_total
+        scale = {"ce": ce_share, "kd": share, "hint": self.world}
+        return self.loss_fn.total({n: v * scale[term_kind(n)] for n, v in terms.items() if n != "loss"})
+
+
+class BatchNormSnapshot:
+    """The BatchNorm running statistics before a step, put back if the step turns out bad."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = _bn_buffers(model)
+        self.saved = [b.clone() for b in self.buffers]
+
+    def restore_if(self, bad: torch.Tensor) -> None:
+        with torch.no_grad():
+            for b, v in zip(self.buffers, self.saved):
+                b.copy_(torch.where(bad, v, b))
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -312,7 +325,7 @@ def _weighted(terms: dict[str, torch.Tensor], names: list[str], images: int, glo
 
 def _total(loss_fn: SelfDistillLoss, names: list[str], means: list[float]) -> float:
     """The mean total loss from the terms' means (the objective is linear in them)."""
-    return float(loss_fn.objective({n: torch.tensor(m) for n, m in zip(names, means)}))
+    return float(loss_fn.total({n: torch.tensor(m) for n, m in zip(names, means)}))
 
 
 def _progress_bar(total: int, epoch: int) -> Any:

@@ -82,7 +82,7 @@ def resolve_exits(exits: bool | Sequence[int], num_stages: int, natural: Sequenc
         return []
     if exits is True:
         return list(natural if natural is not None else range(1, num_stages))
-    chosen = sorted(set(int(k) for k in exits))
+    chosen = sorted({int(k) for k in exits})
     bad = [k for k in chosen if not 1 <= k < num_stages]
     if bad or not chosen:
         raise ByotError(f"--exits {','.join(map(str, exits)) or '(empty)'}: this network has {num_stages} stages; "

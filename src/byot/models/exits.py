@@ -103,7 +103,7 @@ class AttentionExit(nn.Module):
     The mask is a SepConv of the map at half resolution ending in BN (as the journal's attention module),
     resized back to the map's size and squashed by a sigmoid: values in (0, 1), so it can switch a place off
     as well as keep it. It gates only the exit's input; the backbone runs on unmasked.
-    ``legacy_mask`` rebuilds the mask of byot checkpoints written before 0.9 (a ReLU before the sigmoid,
+    ``legacy_mask`` rebuilds the mask of byot checkpoints written before 0.2 (a ReLU before the sigmoid,
     range [0.5, 1)), so that they still test to the accuracy they were trained to.
     """
 

@@ -37,7 +37,7 @@ def conv_bn_relu6(in_channels: int, out_channels: int, kernel: int = 3, stride: 
 class InvertedResidual(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int) -> None:
         super().__init__()
-        hidden = int(round(in_channels * expansion))
+        hidden = round(in_channels * expansion)
         self.use_residual = stride == 1 and in_channels == out_channels
         layers: list[nn.Module] = [conv_bn_relu6(in_channels, hidden, 1)] if expansion != 1 else []
         layers += [conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),

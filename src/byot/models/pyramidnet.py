@@ -60,8 +60,8 @@ class MultiExitPyramidNet(MultiExitNet):
             blocks: list[nn.Module] = []
             for b in range(n):
                 channels += step
-                blocks.append(PyramidBlock(in_planes, int(round(channels)), 2 if i > 0 and b == 0 else 1))
-                in_planes = int(round(channels))
+                blocks.append(PyramidBlock(in_planes, round(channels), 2 if i > 0 and b == 0 else 1))
+                in_planes = round(channels)
             if i == 2:
                 blocks += [nn.BatchNorm2d(in_planes), nn.ReLU(inplace=True)]
             stages.append(nn.Sequential(*blocks))

@@ -27,7 +27,7 @@ class ExitOptions:
     image_size: int = 32  # px; sizes the heads (a dry forward of the trunk at this size)
     exits: bool | tuple[int, ...] = True  # True: the family's natural stages; False: the plain backbone
     head: str = "bottleneck"  # shallow classifiers: "bottleneck" (ICCV 2019) or "attention" (TPAMI 2021)
-    legacy_attention: bool = False  # attention masks as byot wrote them before 0.9 (old checkpoints only)
+    legacy_attention: bool = False  # attention masks as byot wrote them before 0.2 (old checkpoints only)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,134 @@
+"""Everything downstream of the model, for every registered entry (small configurations of each, see
+test_models.TINY) on real CIFAR-100 images: train one epoch + exact resume, the real cascade equals the
+simulated policy, ONNX export matches PyTorch under onnxruntime, and DDP with 2 gloo processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from test_models import tiny
+
+from byot.config import build_config
+from byot.deploy.cascade import EarlyExitNet
+from byot.deploy.policy import ExitPolicy, simulate
+from byot.deploy.run import export_checkpoint
+from byot.engine.checkpoint import load_checkpoint
+from byot.engine.evaluate import collect_logits
+from byot.engine.run import build_trained, fit, load_data
+from byot.models import list_models
+
+
+def _config(name: str, data_dir: Path, folder: Path, epochs: int, **extra) -> object:
+    return build_config({}, {"arch": name, "data_dir": str(data_dir), "model_options": tiny(name), "epochs": epochs,
+                             "batch_size": 100, "lr": 0.05, "amp": "off", "save_folder": str(folder),
+                             "progress": False, "workers": 0, **extra})
+
+
+@pytest.fixture(scope="module")
+def runs(cifar100_small, tmp_path_factory) -> dict[str, Path]:
+    """Per entry: a 2-epoch run, and a run of 1 epoch resumed for the second; the folders they wrote."""
+    root = tmp_path_factory.mktemp("families")
+    folders = {}
+    for name in list_models():
+        straight, resumed = root / name / "straight", root / name / "resumed"
+        fit(_config(name, cifar100_small, straight, 2), overwrite=True)
+        fit(_config(name, cifar100_small, resumed, 2), overwrite=True, stop_after=1)
+        latest = resumed / name / "checkpoint_latest.pth.tar"
+        cfg = _config(name, cifar100_small, resumed, 2, resume=str(latest))
+        fit(cfg, load_checkpoint(latest))
+        folders[name] = root / name
+    return folders
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_one_epoch_then_resume_equals_two_epochs(runs, name):
+    straight = load_checkpoint(runs[name] / "straight" / name / "checkpoint_latest.pth.tar")
+    resumed = load_checkpoint(runs[name] / "resumed" / name / "checkpoint_latest.pth.tar")
+    assert straight["epoch"] == resumed["epoch"] == 2
+    assert straight["model_spec"]["exits"] == resumed["model_spec"]["exits"]
+    different = [k for k, v in straight["model"].items() if not torch.equal(v, resumed["model"][k])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_real_cascade_equals_the_simulated_policy(runs, cifar100_small, name):
+    path = runs[name] / "straight" / name / "checkpoint_latest.pth.tar"
+    checkpoint = load_checkpoint(path)
+    cfg = _config(name, cifar100_small, runs[name] / "straight", 2, resume=str(path))
+    model, runtime = build_trained(cfg, checkpoint, torch.device("cpu"))
+    data = load_data(cfg, torch.device("cpu"))
+    logits, _ = collect_logits(model, data.test, runtime)
+    confidence = [torch.softmax(z, dim=1).max(dim=1).values.double() for z in logits[:-1]]
+    policy = ExitPolicy(tuple(float(torch.quantile(c, 0.5)) for c in confidence))
+    simulated = simulate(logits, policy)
+    net = EarlyExitNet(model, policy)
+    answers = [net(runtime.inputs(images)) for images, _ in data.test]
+    assert torch.equal(torch.cat([a.predicted for a in answers]), simulated.predicted)
+    stage = torch.tensor(model.exit_stages)[simulated.exit_position]
+    assert torch.equal(torch.cat([a.exit for a in answers]), stage)
+    assert len(set(stage.tolist())) > 1  # the policy really exits early for some images
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_onnx_export_of_every_exit_matches_pytorch_under_onnxruntime(runs, cifar100_small, tmp_path, name):
+    pytest.importorskip("onnxruntime")
+    path = runs[name] / "straight" / name / "checkpoint_latest.pth.tar"
+    checkpoint = load_checkpoint(path)
+    cfg = _config(name, cifar100_small, runs[name] / "straight", 2, resume=str(path))
+    result = export_checkpoint(cfg, checkpoint, "all", "onnx", tmp_path / "all.onnx")
+    assert result["exits"] == checkpoint["model_spec"]["exits"]
+    assert result["max_abs_diff"] < 1e-4
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    sys.path.insert(0, sys.argv[1])
+    from test_models import tiny
+    from byot.losses import SelfDistillLoss
+    from byot.models import create_model, list_models
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    for name in list_models():
+        torch.manual_seed(1)
+        model = create_model(name, 5, 32, **tiny(name)).eval()  # eval: BatchNorm on running statistics
+        reference = create_model(name, 5, 32, **tiny(name)).eval()
+        reference.load_state_dict(model.state_dict())
+        ddp = DistributedDataParallel(model)
+        part = slice(rank * 4, rank * 4 + 4)
+        # beta 0: DDP averages the processes' gradients, and the label and KD means of two halves average to
+        # the whole batch's (the hint is a sum, which byot's engine weights by the process count itself)
+        SelfDistillLoss(beta=0.0)(ddp(images[part]), labels[part])["loss"].backward()
+        SelfDistillLoss(beta=0.0)(reference(images), labels)["loss"].backward()
+        for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), (name, n)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(grads) for _ in range(world)]
+        dist.all_gather(gathered, grads)
+        assert torch.equal(gathered[0], gathered[1]), name  # every process holds the same averaged gradient
+        print("ok", name, flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_with_two_gloo_processes_runs_every_model(tmp_path):
+    script = tmp_path / "ddp_every_model.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(Path(__file__).parent)], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok")) == \
+        sorted(list_models()) * 2
