@@ -109,7 +109,7 @@ def test_trunk_computes_what_torchvision_computes(name, fixture, request):
 def test_cifar_stem_is_a_mismatch_but_stages_load(resnet18_file):
     net, path = resnet18_file
     model = _model(image_size=32)
-    assert model.spec.stem == "cifar"
+    assert model.stem_kind == "cifar"
     stem_before = model.stem[0].weight.clone()
     summary = load_pretrained(model, path)
     assert summary["shape_mismatch"][0] == "conv1.weight [64, 3, 7, 7] vs [64, 3, 3, 3]"

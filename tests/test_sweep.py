@@ -97,7 +97,12 @@ def test_mean_and_sample_spread():
     assert slug("full BYOT, attention heads (--head attention)") == "full-byot-attention-heads-head-attention"
     row = {"name": "x", "exits": {"4": _mean_std([1.0, 3.0])}, "ensemble": _mean_std([1.0, 3.0]), "seeds": [0, 1],
            "train_minutes": _mean_std([2.0, 2.0])}
-    assert "| x | – | – | – | 2.00 ± 1.41 | – | 2 | 2.0 |" in format_results({"name": "n", "rows": [row]})
+    assert "| x | 2.00 ± 1.41 | – | 2 | 2.0 |" in format_results({"name": "n", "rows": [row]})
+    # one column per exit any row has: a 5-block VGG's five, with "–" where the plain backbone has none
+    vgg = {**row, "exits": {str(k): _mean_std([float(k)]) for k in range(1, 6)}}
+    table = format_results({"name": "n", "rows": [row, vgg]})
+    assert "| configuration | exit 1 | exit 2 | exit 3 | exit 4 | exit 5 | ensemble |" in table
+    assert "| x | – | – | – | 2.00 ± 1.41 | – | – | 2 | 2.0 |" in table
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,53 @@
+"""``byot models``: every registered model with its family, options, parameters and FLOPs per exit, counted
+on the model itself (on the meta device: shapes only, no memory, a few seconds for the whole registry)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from byot.engine.cost import exit_costs
+from byot.models.registry import create_model, list_models, model_entry
+
+
+def model_rows(num_classes: int = 100, image_size: int = 32, head: str = "bottleneck",
+               names: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per registered name: family, options, plain-backbone and multi-exit parameters, exits and
+    FLOPs (2 x multiply-adds) per exit for one image of ``image_size`` px."""
+    rows = []
+    for name in names or list_models():
+        with torch.device("meta"):
+            plain = create_model(name, num_classes, image_size, exits=False)
+            model = create_model(name, num_classes, image_size, head=head)
+        costs = exit_costs(model, image_size)
+        entry = model_entry(name)
+        rows.append({"arch": name, "family": entry.family.name, "summary": entry.family.summary,
+                     "options": dataclasses.asdict(model.spec),
+                     "plain_params": sum(p.numel() for p in plain.parameters()),
+                     "params": sum(p.numel() for p in model.parameters()),
+                     "exits": model.exit_stages, "flops": [c["flops"] for c in costs]})
+    return rows
+
+
+def format_models(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The rows as a markdown table (the README's) or aligned text."""
+    head = ["arch", "family options", "plain params", "BYOT params", "exits", "GFLOPs per exit"]
+    lines = []
+    for r in rows:
+        options = ", ".join(f"{k} {_short(v)}" for k, v in r["options"].items())
+        flops = " / ".join(f"{f / 1e9:.2f}" for f in r["flops"])
+        lines.append([r["arch"], options, f"{r['plain_params'] / 1e6:.2f}M", f"{r['params'] / 1e6:.2f}M",
+                      ",".join(map(str, r["exits"])), flops])
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+                         + ["| `" + cells[0] + "` | " + " | ".join(cells[1:]) + " |" for cells in lines])
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [head, *lines])
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "-".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
