@@ -110,7 +110,7 @@ def digits_checkpoint(tmp_path_factory) -> Path:
     """model_best of a real (if small) run: multi_resnet18_kd, width 8, 16 px digits, 12 epochs, 25% held
     out for validation. About 7 s on the 2-core CPU. Tests copy it before changing it."""
     from byot.config import build_config
-    from byot.engine.run import fit
+    from byot.engine.fit import fit
 
     root = tmp_path_factory.mktemp("digits_run")
     cfg = build_config({}, {"arch": "multi_resnet18_kd", "dataset": "digits", "width": 8, "epochs": 12,

@@ -70,7 +70,8 @@ def test_test_json_schema(tmp_path, cifar100_small, capsys):
 
 
 def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, cifar100_small):
-    from byot.engine.run import fit, resolve_config
+    from byot.engine.fit import fit
+    from byot.engine.resolve import resolve_config
 
     common = {"data_dir": str(cifar100_small), "width": 4, "batch_size": 64, "epochs": 3, "progress": False,
               "seed": 7, "arch": "multi_resnet18_kd"}

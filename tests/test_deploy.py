@@ -21,9 +21,10 @@ from byot.data.digits import load_digits
 from byot.deploy import run as deploy_run
 from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.policy import ExitPolicy, simulate
+from byot.engine.build import build_trained, load_data
 from byot.engine.checkpoint import load_checkpoint
 from byot.engine.evaluate import collect_logits
-from byot.engine.run import build_trained, load_data, resolve_config
+from byot.engine.resolve import resolve_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "onnx_predict.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

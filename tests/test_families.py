@@ -18,9 +18,10 @@ from byot.config import build_config
 from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.policy import ExitPolicy, simulate
 from byot.deploy.run import export_checkpoint
+from byot.engine.build import build_trained, load_data
 from byot.engine.checkpoint import load_checkpoint
 from byot.engine.evaluate import collect_logits
-from byot.engine.run import build_trained, fit, load_data
+from byot.engine.fit import fit
 from byot.models import list_models, model_spec
 
 

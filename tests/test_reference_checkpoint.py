@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from byot.cli import main
+from byot.engine.build import build_trained, check_checkpoint_fits, load_data
 from byot.engine.checkpoint import load_checkpoint
 from byot.engine.evaluate import collect_logits
-from byot.engine.run import build_trained, check_checkpoint_fits, load_data, resolve_config
+from byot.engine.resolve import resolve_config
 
 
 class RefBasicBlock(nn.Module):

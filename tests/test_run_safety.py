@@ -405,7 +405,8 @@ def test_a_stored_policy_of_the_wrong_length_is_one_line(tmp_path, digits_checkp
 
 
 def test_extending_a_finished_run_drops_its_old_test_result(tmp_path, digits_checkpoint):
-    from byot.engine.run import fit, resolve_config
+    from byot.engine.fit import fit
+    from byot.engine.resolve import resolve_config
 
     run = tmp_path / ARCH
     run.mkdir()

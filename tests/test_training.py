@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import byot
-from byot.engine.run import balanced_class_weights
+from byot.engine.build import balanced_class_weights
 from byot.engine.runtime import Runtime, compile_model
 from byot.engine.train import train_step
 

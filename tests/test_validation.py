@@ -6,7 +6,8 @@ import json
 from collections import Counter
 
 from byot.data import stratified_holdout
-from byot.engine import run
+from byot.engine import fit as run_fit
+from byot.engine.resolve import resolve_config
 
 
 def test_holdout_is_stratified_disjoint_and_seeded():
@@ -20,16 +21,16 @@ def test_holdout_is_stratified_disjoint_and_seeded():
 
 def test_training_never_looks_at_the_test_split_until_the_end(tmp_path, cifar100_small, monkeypatch):
     seen = []
-    real_evaluate = run.evaluate
+    real_evaluate = run_fit.evaluate
 
     def spying_evaluate(model, batches, *args, **kwargs):
         seen.append(batches)
         return real_evaluate(model, batches, *args, **kwargs)
 
-    monkeypatch.setattr(run, "evaluate", spying_evaluate)
-    cfg, _ = run.resolve_config({"data_dir": str(cifar100_small), "width": 4, "epochs": 2, "batch_size": 64,
+    monkeypatch.setattr(run_fit, "evaluate", spying_evaluate)
+    cfg, _ = resolve_config({"data_dir": str(cifar100_small), "width": 4, "epochs": 2, "batch_size": 64,
                                  "val_split": 0.25, "progress": False, "save_folder": str(tmp_path)})
-    records = run.fit(cfg)
+    records = run_fit.fit(cfg)
     data_test_calls = [b for b in seen if b.num_samples == 101]  # the test split has 101 images
     assert len(seen) == 3 and len(data_test_calls) == 1 and seen[-1] is data_test_calls[0]
     assert [r["eval_split"] for r in records] == ["val", "val"]

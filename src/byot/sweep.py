@@ -53,8 +53,8 @@ import yaml
 
 from byot.config import FIELD_NAMES, RANGES, TrainConfig, build_config, load_yaml
 from byot.engine.checkpoint import write_text_atomic
-from byot.engine.run import read_metrics, read_test_result
 from byot.engine.rundir import LATEST, PREVIOUS, run_files
+from byot.engine.runfiles import read_metrics, read_test_result
 from byot.engine.signals import HANDLED, STOP_WITH_PARENT
 from byot.errors import ByotError, describe_os_error
 

@@ -14,7 +14,8 @@ from byot.config import TrainConfig
 from byot.data.folder import IMAGE_EXTENSIONS, resize_center_crop, to_rgb, to_uint8_tensor
 from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.run import resize_ratio, resolve_policy
-from byot.engine.run import build_trained, resolve_device
+from byot.engine.build import build_trained
+from byot.engine.runtime import resolve_device
 from byot.errors import ByotError
 
 log = logging.getLogger("byot")

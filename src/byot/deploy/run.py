@@ -24,17 +24,11 @@ from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.export import ExitNetwork, export
 from byot.deploy.plots import write_curve
 from byot.deploy.policy import NEVER, ExitPolicy, exit_flops, fit_thresholds, policy_stats, sweep
+from byot.engine.build import build_trained, check_checkpoint_fits, checkpoint_normalization, load_data
 from byot.engine.checkpoint import DIGEST, update_checkpoint
 from byot.engine.cost import exit_costs
 from byot.engine.evaluate import collect_logits
-from byot.engine.run import (
-    build_trained,
-    check_checkpoint_fits,
-    checkpoint_normalization,
-    load_data,
-    resolve_device,
-)
-from byot.engine.runtime import Runtime
+from byot.engine.runtime import Runtime, resolve_device
 from byot.errors import ByotError
 from byot.models import MultiExitNet
 

@@ -1,29 +1,22 @@
-"""The ``byot`` command: argparse subcommands, each a short list of calls. The only place that prints."""
+"""The ``byot`` argument parser: every subcommand and its flags, with the defaults shown in --help."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import json
-import logging
-import signal
-import sys
-from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from byot import __version__
-from byot.errors import ByotError
 
 if TYPE_CHECKING:
     from byot.config import TrainConfig
+
 
 # Nothing here imports torch at module level: a Ctrl-C during the seconds torch takes to import then
 # arrives inside main(), which turns it into one line, not a traceback.
 DEMO = {"arch": "multi_resnet18_kd", "dataset": "digits", "image_size": 32, "width": 16, "epochs": 15,
         "batch_size": 64, "lr": 0.05, "save_folder": "save_checkpoints/demo", "workers": 0}
+
 
 
 @lru_cache(maxsize=1)
@@ -34,6 +27,7 @@ def _defaults() -> TrainConfig:
     return TrainConfig()
 
 
+
 def _choices(name: str) -> tuple[str, ...]:
     """The choices of option ``name`` from the config's one table."""
     from byot.config import CHOICES
@@ -41,10 +35,12 @@ def _choices(name: str) -> tuple[str, ...]:
     return CHOICES[name]
 
 
+
 def _export_formats() -> tuple[str, ...]:
     from byot.deploy.export import FORMATS
 
     return FORMATS
+
 
 
 def _model_option(text: str) -> tuple[str, Any]:
@@ -59,6 +55,7 @@ def _model_option(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         parsed = value
     return key.strip().replace("-", "_"), parsed
+
 
 
 def _add_model_and_data(p: argparse.ArgumentParser) -> None:
@@ -116,6 +113,7 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
                    help="YAML file of options (names as the flags); flags given here override it")
 
 
+
 def _add_training(p: argparse.ArgumentParser) -> None:
     D = _defaults()
     g = p.add_argument_group("optimisation")
@@ -143,12 +141,13 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds a run")
 
 
+
 def build_parser() -> argparse.ArgumentParser:
     from byot.models import list_models
 
     D = _defaults()
     parser = argparse.ArgumentParser(prog="byot", description="Be Your Own Teacher: train and evaluate "
-                                     "multi-exit ResNets with self-distillation.")
+                                     "multi-exit networks with self-distillation.")
     parser.add_argument("--version", action="version", version=f"byot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     arch_help = f"architecture: {', '.join(list_models())}"
@@ -197,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fp32 eager, + channels_last, + autocast, + compile, each with its ratio to the first")
     bench.add_argument("--json", action="store_true", help="print one JSON object (a list with --variants)")
     _add_deployment(sub, arch_help)
+    models = sub.add_parser("models", help="every registered model: family options, parameters, FLOPs per exit")
+    models.add_argument("--num-classes", type=int, default=100, help="classes of the heads (default 100)")
+    models.add_argument("--image-size", type=int, default=32, help="px (default 32)")
+    models.add_argument("--head", choices=_choices("head"), default=D.head, help="shallow classifiers")
+    models.add_argument("--markdown", action="store_true", help="a markdown table (the README's)")
+    models.add_argument("--json", action="store_true", help="print one JSON list")
     sweep = sub.add_parser("sweep", help="train a list of configurations x seeds (resumable); one results table")
     sweep.add_argument("config", metavar="SWEEP.yaml", help="name, seeds, base options, rows (see docs/RESULTS.md)")
     sweep.add_argument("--data-dir", help="replaces the sweep file's base data_dir")
@@ -205,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     sweep.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return parser
+
 
 
 def _add_policy(p: argparse.ArgumentParser) -> None:
@@ -216,6 +222,7 @@ def _add_policy(p: argparse.ArgumentParser) -> None:
                    help="who answers what no shallow exit takes: the deepest exit (default) or the mean of all")
     g.add_argument("--no-calibration", dest="calibration", action="store_false",
                    help="ignore the temperatures byot calibrate stored in the checkpoint")
+
 
 
 def _add_deployment(sub: argparse._SubParsersAction, arch_help: str) -> None:
@@ -259,302 +266,8 @@ def _add_deployment(sub: argparse._SubParsersAction, arch_help: str) -> None:
     pred.add_argument("--json", action="store_true", help="print one JSON list on stdout")
 
 
+
 def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _given(args: argparse.Namespace, *drop: str) -> dict[str, Any]:
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", *drop)}
-    if "model_options" in given:  # [(key, value), ...] from repeated --model-option
-        given["model_options"] = dict(given["model_options"])
-    return given
-
-
-def _setup_logging(progress_bar: bool, quiet: bool = False) -> None:
-    """Log lines on stderr (step lines too, unless a progress bar shows them); ``quiet``: warnings only."""
-    root = logging.getLogger("byot")
-    root.setLevel(logging.DEBUG)
-    root.handlers.clear()
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING if quiet else logging.INFO if progress_bar else logging.DEBUG)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    root.addHandler(console)
-    root.propagate = False
-
-
-def _run_training(given: dict[str, Any], config_file: str | None, overwrite: bool) -> int:
-    from byot.engine.distributed import launched_by_torchrun
-    from byot.engine.run import LATEST, fit, resolve_config
-    from byot.engine.signals import Interrupted, handle_signals
-
-    main_process = launched_by_torchrun().is_main  # under torchrun only rank 0 logs, prints and writes
-    show_bar = given.get("progress", True) and sys.stderr.isatty() and main_process
-    _setup_logging(show_bar, quiet=not main_process)
-    cfg, checkpoint = resolve_config(given, config_file)
-    show_bar = cfg.progress and show_bar
-    cfg = dataclasses.replace(cfg, progress=show_bar)
-    try:
-        with handle_signals():
-            records = fit(cfg, checkpoint, overwrite=overwrite)
-    except (KeyboardInterrupt, Interrupted) as e:
-        code = e.exit_code if isinstance(e, Interrupted) else 130
-        if not main_process:
-            return code
-        latest = cfg.run_dir / LATEST
-        where = (f"continue with --resume {latest} (or --resume auto)" if latest.exists()
-                 else "no epoch had finished, so there is nothing to resume")
-        name = "SIGTERM" if isinstance(e, Interrupted) and e.signum == signal.SIGTERM else "Ctrl-C"
-        print(f"byot: interrupted ({name}); every finished epoch is saved: {where}", file=sys.stderr)
-        return code
-    if not main_process:
-        return 0
-    if records and "final_test" in records[-1]:
-        final = records[-1]["final_test"]
-        print(f"test split, evaluated once with model_best (epoch {final['epoch']}, selected on validation):")
-        print(format_table(final["exits"], final["ensemble"], None))
-    elif records:
-        print(f"last epoch, {records[-1]['eval_split']} split:")
-        print(format_table(records[-1]["exits"], records[-1]["ensemble"], None))
-    if records:
-        print(f"run directory: {cfg.run_dir}")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    overwrite = getattr(args, "overwrite", False)
-    return _run_training(_given(args, "overwrite"), getattr(args, "config_file", None), overwrite)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    print("byot demo: multi_resnet18_kd (width 16) with self-distillation on scikit-learn's 8x8 digits, "
-          "upscaled to 32 px", file=sys.stderr)
-    return _run_training({**DEMO, **_given(args, "overwrite")}, None, getattr(args, "overwrite", False))
-
-
-def cmd_test(args: argparse.Namespace) -> int:
-    from byot.engine.run import resolve_config, test_checkpoint
-
-    given = _given(args, "json", "per_class")
-    _setup_logging(False)
-    cfg, checkpoint = resolve_config(given, getattr(args, "config_file", None))
-    if checkpoint is None:
-        raise ByotError("byot test needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
-    per_class = getattr(args, "per_class", False)
-    result = test_checkpoint(cfg, checkpoint, per_class)
-    if getattr(args, "json", False):
-        print(json.dumps(result))
-        return 0
-    print(f"{cfg.arch} on {cfg.dataset} test split ({result['num_images']} images), "
-          f"checkpoint epoch {result['epoch']}, evaluated in {result['precision']}")
-    print(format_table(result["exits"], result["ensemble"], result["exits"]))
-    if per_class:
-        from byot.engine.reports import format_per_class
-
-        print(format_per_class(result["per_class"], [e["exit"] for e in result["exits"]], result["class_counts"]))
-        print("wrote " + ", ".join(result["confusion_files"]))
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """Exit 0 when every run finished, 1 when some failed (their logs are named)."""
-    from byot.sweep import format_results, load_sweep, run_sweep, summarise, write_results
-
-    _setup_logging(False)
-    sweep = load_sweep(args.config, {"data_dir": args.data_dir} if args.data_dir else None)
-    sweep = dataclasses.replace(sweep, runs_dir=Path(args.runs_dir or sweep.runs_dir), out=Path(args.out or sweep.out))
-    statuses = run_sweep(sweep, dry_run=args.dry_run)
-    if args.dry_run:
-        for st in statuses:
-            print(f"{st.row}, seed {st.seed}: {'finished' if st.state == 'done' else st.detail}")
-        return 0
-    summary = summarise(sweep, statuses)
-    paths = write_results(summary, sweep.out)
-    print(json.dumps(summary) if args.json else format_results(summary) + "\nwrote " + ", ".join(map(str, paths)))
-    failed = [st for st in statuses if st.state == "failed"]
-    for st in failed:
-        print(f"byot: {st.row}, seed {st.seed} failed: {st.detail} (see {st.run_dir.parent / 'sweep.log'})",
-              file=sys.stderr)
-    return 1 if failed else 0
-
-
-POLICY_OPTIONS = ("threshold", "final", "calibration")
-
-
-def _trained(args: argparse.Namespace, *drop: str) -> tuple[TrainConfig, dict]:
-    """The run configuration and checkpoint of a command that works on a trained model."""
-    from byot.engine.run import resolve_config
-
-    _setup_logging(False)
-    cfg, checkpoint = resolve_config(_given(args, *drop), getattr(args, "config_file", None))
-    if checkpoint is None:
-        raise ByotError(f"byot {args.command} needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
-    return cfg, checkpoint
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from byot.deploy.run import calibrate
-    from byot.deploy.tables import format_calibration
-
-    cfg, checkpoint = _trained(args, "json")
-    result = calibrate(cfg, checkpoint)
-    print(json.dumps(result) if getattr(args, "json", False) else format_calibration(result))
-    return 0
-
-
-def cmd_early_exit(args: argparse.Namespace) -> int:
-    from byot.deploy.run import early_exit
-    from byot.deploy.tables import format_early_exit
-
-    options = ("json", "budget_flops", "max_drop", "time", "out", *POLICY_OPTIONS)
-    cfg, checkpoint = _trained(args, *options)
-    o = {k: getattr(args, k, None) for k in options}
-    out = Path(o["out"]) if o["out"] else None
-    result = early_exit(cfg, checkpoint, out, o["final"] or "deepest", o["budget_flops"], o["max_drop"],
-                        o["threshold"], getattr(args, "calibration", True), bool(o["time"]))
-    print(json.dumps(result) if o["json"] else format_early_exit(result))
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from byot.deploy.run import export_checkpoint
-    from byot.deploy.tables import format_export
-
-    cfg, checkpoint = _trained(args, "exit_number", "fmt", "out", "json", "force")
-    result = export_checkpoint(cfg, checkpoint, args.exit_number, args.fmt, Path(args.out),
-                               getattr(args, "force", False))
-    print(json.dumps(result) if getattr(args, "json", False) else format_export(result))
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    """Exit 0 when every file was classified, 1 when some could not be read (listed on stderr)."""
-    from byot.deploy.predict import predict_paths
-    from byot.deploy.tables import format_predictions
-
-    cfg, checkpoint = _trained(args, "paths", "json", *POLICY_OPTIONS)
-    rows, errors = predict_paths(cfg, checkpoint, args.paths, getattr(args, "threshold", None),
-                                 getattr(args, "final", None), getattr(args, "calibration", True))
-    for line in errors:
-        print(f"byot: {line}", file=sys.stderr)
-    if not rows:
-        raise ByotError(f"none of the {len(errors)} file(s) could be read as an image")
-    print(json.dumps(rows) if getattr(args, "json", False) else format_predictions(rows))
-    return 1 if errors else 0
-
-
-def format_table(exits: list[dict], ensemble: dict, costs: list[dict] | None) -> str:
-    """Per-exit accuracy table; with ``costs`` a column of each exit's share of the full compute."""
-    head = f"{'exit':<9}{'top-1':>8}{'top-5':>8}" + (f"{'compute':>10}{'MFLOPs':>10}" if costs else "")
-    rows = [head]
-    for e in exits:
-        row = f"{e['exit']:<9}{e['top1']:>8.2f}{e['top5']:>8.2f}"
-        if costs:
-            row += f"{e['compute_share'] * 100:>9.0f}%{e['flops'] / 1e6:>10.1f}"
-        rows.append(row)
-    rows.append(f"{'ensemble':<9}{ensemble['top1']:>8.2f}{ensemble['top5']:>8.2f}")
-    return "\n".join(rows)
-
-
-def cmd_split(args: argparse.Namespace) -> int:
-    from byot.data.split import format_split_table, split_folder
-
-    _setup_logging(False)
-    report = split_folder(Path(args.src), Path(args.out), args.test_ratio, args.seed, args.mode, args.force)
-    print(format_split_table(report))
-    print(f"wrote {args.out}/train, {args.out}/test and {report.manifest}")
-    return 0
-
-
-def cmd_check_data(args: argparse.Namespace) -> int:
-    """Exit 0 when every image decodes, 1 when some do not (for scripts), 2 for a bad folder."""
-    from byot.data.scan import format_scan, scan_folder
-
-    _setup_logging(False)
-    reports = scan_folder(Path(args.dir), args.workers)
-    print(format_scan(reports))
-    return 1 if any(r.corrupt for r in reports.values()) else 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from byot.config import check_range
-    from byot.engine.bench import BenchSpec, run_bench, run_variants
-
-    for name in ("batch_size", "width", "image_size"):  # the ranges byot train checks, from the same table
-        check_range(name, getattr(args, name))
-    if args.steps < 1 or args.warmup < 0:
-        raise ByotError("--steps must be at least 1 and --warmup at least 0")
-    spec = BenchSpec(args.arch, args.device, args.batch_size, args.image_size, args.steps, args.warmup, args.amp,
-                     args.channels_last, args.compile, args.width, head=args.head)
-    if args.variants:
-        rows = run_variants(spec)
-        print(json.dumps(rows) if args.json else format_variants(rows))
-        return 0
-    result = run_bench(spec)
-    print(json.dumps(result) if args.json else format_bench(result))
-    return 0
-
-
-def format_bench(r: dict) -> str:
-    full = r["exits"][-1]["flops"]
-    lines = [(f"{r['arch']} (width {r['width']}) on {r['device']}, batch {r['batch_size']}, {r['image_size']} px, "
-              f"amp {r['amp']}, channels_last {r['channels_last']}, compile {r['compile']}"),
-             f"training: {r['train_images_per_s']:.1f} images/s, peak memory {r['peak_memory_mb']:.0f} MB",
-             f"{'exit':<6}{'infer img/s':>13}{'MFLOPs':>10}{'compute':>9}"]
-    for e in r["exits"]:
-        lines.append(f"{e['exit']:<6}{e['infer_images_per_s']:>13.1f}{e['flops'] / 1e6:>10.1f}"
-                     f"{e['flops'] / full * 100:>8.0f}%")
-    return "\n".join(lines)
-
-
-def format_variants(rows: list[dict]) -> str:
-    base = rows[0]["train_images_per_s"]
-    r0 = rows[0]
-    lines = [f"{r0['arch']} (width {r0['width']}) on {r0['device']}, batch {r0['batch_size']}, {r0['image_size']} px",
-             f"{'variant':<18}{'amp':>6}{'train img/s':>13}{'x fp32':>8}{'peak MB':>9}{'infer img/s (deepest)':>22}"]
-    for r in rows:
-        lines.append(f"{r['variant']:<18}{r['amp']:>6}{r['train_images_per_s']:>13.1f}"
-                     f"{r['train_images_per_s'] / base:>8.2f}{r['peak_memory_mb']:>9.0f}"
-                     f"{r['exits'][-1]['infer_images_per_s']:>22.1f}")
-    return "\n".join(lines)
-
-
-COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo, "bench": cmd_bench, "split": cmd_split,
-            "check-data": cmd_check_data, "calibrate": cmd_calibrate, "early-exit": cmd_early_exit,
-            "export": cmd_export, "predict": cmd_predict, "sweep": cmd_sweep}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from byot.engine.signals import stop_with_parent_if_asked
-
-    _tolerant_output()
-    stop_with_parent_if_asked()
-    try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
-    except ByotError as e:
-        print(f"byot: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # training says how to resume itself; elsewhere nothing is left half-done
-        print("byot: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
-
-
-def _tolerant_output() -> None:
-    """Names that are not valid UTF-8 (a class folder named in Latin-1) reach the terminal escaped
-    (``\\xe9``) instead of stopping the command with UnicodeEncodeError."""
-    for stream in (sys.stdout, sys.stderr):
-        reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None:
-            with contextlib.suppress(ValueError, OSError):
-                reconfigure(errors="backslashreplace")
-
-
-def _one_line(error: Exception) -> str:
-    """The message; errors raised in DataLoader workers arrive wrapped in a traceback: keep the user's line.
-    A message may continue on indented lines (a list of files)."""
-    text = str(error).strip()
-    if "Traceback" in text:
-        return [line for line in text.splitlines() if line.strip()][-1].split("ByotError: ", 1)[-1]
-    return text

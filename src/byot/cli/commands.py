@@ -1,0 +1,268 @@
+"""One function per ``byot`` subcommand: each a short list of calls into the library, then what it prints
+(the only place that prints)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from byot.errors import ByotError
+
+if TYPE_CHECKING:
+    from byot.config import TrainConfig
+from byot.cli.formats import format_bench, format_table, format_variants
+from byot.cli.parser import DEMO
+
+
+def _given(args: argparse.Namespace, *drop: str) -> dict[str, Any]:
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", *drop)}
+    if "model_options" in given:  # [(key, value), ...] from repeated --model-option
+        given["model_options"] = dict(given["model_options"])
+    return given
+
+
+
+def _setup_logging(progress_bar: bool, quiet: bool = False) -> None:
+    """Log lines on stderr (step lines too, unless a progress bar shows them); ``quiet``: warnings only."""
+    root = logging.getLogger("byot")
+    root.setLevel(logging.DEBUG)
+    root.handlers.clear()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if quiet else logging.INFO if progress_bar else logging.DEBUG)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    root.propagate = False
+
+
+
+def _run_training(given: dict[str, Any], config_file: str | None, overwrite: bool) -> int:
+    from byot.engine.distributed import launched_by_torchrun
+    from byot.engine.fit import fit
+    from byot.engine.resolve import resolve_config
+    from byot.engine.rundir import LATEST
+    from byot.engine.signals import Interrupted, handle_signals
+
+    main_process = launched_by_torchrun().is_main  # under torchrun only rank 0 logs, prints and writes
+    show_bar = given.get("progress", True) and sys.stderr.isatty() and main_process
+    _setup_logging(show_bar, quiet=not main_process)
+    cfg, checkpoint = resolve_config(given, config_file)
+    show_bar = cfg.progress and show_bar
+    cfg = dataclasses.replace(cfg, progress=show_bar)
+    try:
+        with handle_signals():
+            records = fit(cfg, checkpoint, overwrite=overwrite)
+    except (KeyboardInterrupt, Interrupted) as e:
+        code = e.exit_code if isinstance(e, Interrupted) else 130
+        if not main_process:
+            return code
+        latest = cfg.run_dir / LATEST
+        where = (f"continue with --resume {latest} (or --resume auto)" if latest.exists()
+                 else "no epoch had finished, so there is nothing to resume")
+        name = "SIGTERM" if isinstance(e, Interrupted) and e.signum == signal.SIGTERM else "Ctrl-C"
+        print(f"byot: interrupted ({name}); every finished epoch is saved: {where}", file=sys.stderr)
+        return code
+    if not main_process:
+        return 0
+    if records and "final_test" in records[-1]:
+        final = records[-1]["final_test"]
+        print(f"test split, evaluated once with model_best (epoch {final['epoch']}, selected on validation):")
+        print(format_table(final["exits"], final["ensemble"], None))
+    elif records:
+        print(f"last epoch, {records[-1]['eval_split']} split:")
+        print(format_table(records[-1]["exits"], records[-1]["ensemble"], None))
+    if records:
+        print(f"run directory: {cfg.run_dir}")
+    return 0
+
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overwrite = getattr(args, "overwrite", False)
+    return _run_training(_given(args, "overwrite"), getattr(args, "config_file", None), overwrite)
+
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print("byot demo: multi_resnet18_kd (width 16) with self-distillation on scikit-learn's 8x8 digits, "
+          "upscaled to 32 px", file=sys.stderr)
+    return _run_training({**DEMO, **_given(args, "overwrite")}, None, getattr(args, "overwrite", False))
+
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from byot.engine.resolve import resolve_config
+    from byot.engine.testing import test_checkpoint
+
+    given = _given(args, "json", "per_class")
+    _setup_logging(False)
+    cfg, checkpoint = resolve_config(given, getattr(args, "config_file", None))
+    if checkpoint is None:
+        raise ByotError("byot test needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
+    per_class = getattr(args, "per_class", False)
+    result = test_checkpoint(cfg, checkpoint, per_class)
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+        return 0
+    print(f"{cfg.arch} on {cfg.dataset} test split ({result['num_images']} images), "
+          f"checkpoint epoch {result['epoch']}, evaluated in {result['precision']}")
+    print(format_table(result["exits"], result["ensemble"], result["exits"]))
+    if per_class:
+        from byot.engine.reports import format_per_class
+
+        print(format_per_class(result["per_class"], [e["exit"] for e in result["exits"]], result["class_counts"]))
+        print("wrote " + ", ".join(result["confusion_files"]))
+    return 0
+
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Exit 0 when every run finished, 1 when some failed (their logs are named)."""
+    from byot.sweep import format_results, load_sweep, run_sweep, summarise, write_results
+
+    _setup_logging(False)
+    sweep = load_sweep(args.config, {"data_dir": args.data_dir} if args.data_dir else None)
+    sweep = dataclasses.replace(sweep, runs_dir=Path(args.runs_dir or sweep.runs_dir), out=Path(args.out or sweep.out))
+    statuses = run_sweep(sweep, dry_run=args.dry_run)
+    if args.dry_run:
+        for st in statuses:
+            print(f"{st.row}, seed {st.seed}: {'finished' if st.state == 'done' else st.detail}")
+        return 0
+    summary = summarise(sweep, statuses)
+    paths = write_results(summary, sweep.out)
+    print(json.dumps(summary) if args.json else format_results(summary) + "\nwrote " + ", ".join(map(str, paths)))
+    failed = [st for st in statuses if st.state == "failed"]
+    for st in failed:
+        print(f"byot: {st.row}, seed {st.seed} failed: {st.detail} (see {st.run_dir.parent / 'sweep.log'})",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+
+POLICY_OPTIONS = ("threshold", "final", "calibration")
+
+
+
+def _trained(args: argparse.Namespace, *drop: str) -> tuple[TrainConfig, dict]:
+    """The run configuration and checkpoint of a command that works on a trained model."""
+    from byot.engine.resolve import resolve_config
+
+    _setup_logging(False)
+    cfg, checkpoint = resolve_config(_given(args, *drop), getattr(args, "config_file", None))
+    if checkpoint is None:
+        raise ByotError(f"byot {args.command} needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
+    return cfg, checkpoint
+
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from byot.deploy.run import calibrate
+    from byot.deploy.tables import format_calibration
+
+    cfg, checkpoint = _trained(args, "json")
+    result = calibrate(cfg, checkpoint)
+    print(json.dumps(result) if getattr(args, "json", False) else format_calibration(result))
+    return 0
+
+
+
+def cmd_early_exit(args: argparse.Namespace) -> int:
+    from byot.deploy.run import early_exit
+    from byot.deploy.tables import format_early_exit
+
+    options = ("json", "budget_flops", "max_drop", "time", "out", *POLICY_OPTIONS)
+    cfg, checkpoint = _trained(args, *options)
+    o = {k: getattr(args, k, None) for k in options}
+    out = Path(o["out"]) if o["out"] else None
+    result = early_exit(cfg, checkpoint, out, o["final"] or "deepest", o["budget_flops"], o["max_drop"],
+                        o["threshold"], getattr(args, "calibration", True), bool(o["time"]))
+    print(json.dumps(result) if o["json"] else format_early_exit(result))
+    return 0
+
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from byot.deploy.run import export_checkpoint
+    from byot.deploy.tables import format_export
+
+    cfg, checkpoint = _trained(args, "exit_number", "fmt", "out", "json", "force")
+    result = export_checkpoint(cfg, checkpoint, args.exit_number, args.fmt, Path(args.out),
+                               getattr(args, "force", False))
+    print(json.dumps(result) if getattr(args, "json", False) else format_export(result))
+    return 0
+
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Exit 0 when every file was classified, 1 when some could not be read (listed on stderr)."""
+    from byot.deploy.predict import predict_paths
+    from byot.deploy.tables import format_predictions
+
+    cfg, checkpoint = _trained(args, "paths", "json", *POLICY_OPTIONS)
+    rows, errors = predict_paths(cfg, checkpoint, args.paths, getattr(args, "threshold", None),
+                                 getattr(args, "final", None), getattr(args, "calibration", True))
+    for line in errors:
+        print(f"byot: {line}", file=sys.stderr)
+    if not rows:
+        raise ByotError(f"none of the {len(errors)} file(s) could be read as an image")
+    print(json.dumps(rows) if getattr(args, "json", False) else format_predictions(rows))
+    return 1 if errors else 0
+
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from byot.data.split import format_split_table, split_folder
+
+    _setup_logging(False)
+    report = split_folder(Path(args.src), Path(args.out), args.test_ratio, args.seed, args.mode, args.force)
+    print(format_split_table(report))
+    print(f"wrote {args.out}/train, {args.out}/test and {report.manifest}")
+    return 0
+
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """Exit 0 when every image decodes, 1 when some do not (for scripts), 2 for a bad folder."""
+    from byot.data.scan import format_scan, scan_folder
+
+    _setup_logging(False)
+    reports = scan_folder(Path(args.dir), args.workers)
+    print(format_scan(reports))
+    return 1 if any(r.corrupt for r in reports.values()) else 0
+
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from byot.config import check_range
+    from byot.engine.bench import BenchSpec, run_bench, run_variants
+
+    for name in ("batch_size", "width", "image_size"):  # the ranges byot train checks, from the same table
+        check_range(name, getattr(args, name))
+    if args.steps < 1 or args.warmup < 0:
+        raise ByotError("--steps must be at least 1 and --warmup at least 0")
+    spec = BenchSpec(args.arch, args.device, args.batch_size, args.image_size, args.steps, args.warmup, args.amp,
+                     args.channels_last, args.compile, args.width, head=args.head)
+    if args.variants:
+        rows = run_variants(spec)
+        print(json.dumps(rows) if args.json else format_variants(rows))
+        return 0
+    result = run_bench(spec)
+    print(json.dumps(result) if args.json else format_bench(result))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from byot.config import check_range
+    from byot.models.table import format_models, model_rows
+
+    check_range("image_size", args.image_size)
+    if args.num_classes < 1:
+        raise ByotError("--num-classes must be at least 1")
+    rows = model_rows(args.num_classes, args.image_size, args.head)
+    print(json.dumps(rows) if args.json else format_models(rows, markdown=args.markdown))
+    return 0

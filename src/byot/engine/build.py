@@ -1,0 +1,127 @@
+"""What a configuration and a checkpoint build: the model (on the multi-exit contract), the data, the loss, a
+trained model ready to evaluate; and the checks that a checkpoint fits them."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+
+import torch
+from torch import nn
+
+from byot.config import (
+    TrainConfig,
+    family_arguments,
+)
+from byot.data import NORMALIZATION, DataBundle, Shard, build_data
+from byot.data.batches import ONE_PROCESS
+from byot.engine.runtime import (
+    Runtime,
+    evaluation_runtime,
+    make_runtime,
+)
+from byot.errors import ByotError
+from byot.losses import SelfDistillLoss
+from byot.models import MultiExitNet, create_model
+from byot.models.registry import parse_exits
+
+log = logging.getLogger("byot")
+
+
+def build_model(cfg: TrainConfig, num_classes: int, image_size: int, checkpoint: dict | None = None) -> MultiExitNet:
+    """The model ``cfg`` names; a checkpoint written before the multi-exit contract (no "model_spec") keeps
+    the attention mask it was trained with."""
+    legacy = checkpoint is not None and "model_spec" not in checkpoint and cfg.head == "attention"
+    if legacy:
+        log.info("this checkpoint predates byot 0.2: its attention exits keep their old ReLU -> sigmoid mask")
+    exits = parse_exits(cfg.exits) if cfg.distill else False
+    return create_model(cfg.arch, num_classes, image_size, exits, cfg.head, legacy, **family_arguments(cfg))
+
+
+
+def load_data(cfg: TrainConfig, device: torch.device, shard: Shard = ONE_PROCESS) -> DataBundle:
+    return build_data(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.image_size, cfg.seed, device,
+                      cfg.workers, cfg.download, skip_corrupt=cfg.skip_corrupt, val_split=cfg.val_split,
+                      shard=shard)
+
+
+
+def build_loss(cfg: TrainConfig, data: DataBundle, device: torch.device) -> SelfDistillLoss:
+    weights = balanced_class_weights(data.train_counts, device) if cfg.class_weights == "balanced" else None
+    # the plain backbone has one exit: no teacher, no KD, no hint, cross-entropy only
+    if not cfg.distill:
+        return SelfDistillLoss(alpha=0.0, beta=0.0, temperature=cfg.temperature, class_weights=weights)
+    return SelfDistillLoss(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, class_weights=weights)
+
+
+
+def balanced_class_weights(counts: list[int], device: torch.device) -> torch.Tensor:
+    """w_c = N / (K * n_c): every class weighs the same in the label terms (sklearn's "balanced");
+    a class with no training image gets weight 0."""
+    n = torch.tensor(counts, dtype=torch.float32, device=device)
+    return torch.where(n > 0, n.sum() / (len(counts) * n.clamp(min=1)), torch.zeros_like(n))
+
+
+
+def check_checkpoint_fits(checkpoint: dict, data: DataBundle, source: str) -> None:
+    """The data's classes are the checkpoint's (a reference-script checkpoint, which names none, takes the
+    data's names once the count agrees)."""
+    if checkpoint["num_classes"] != len(data.classes):
+        raise ByotError(f"{source} has {checkpoint['num_classes']} classes but the data has {len(data.classes)}; "
+                        "use the data set it was trained on")
+    if checkpoint["classes"] is None:
+        checkpoint["classes"] = list(data.classes)
+    saved = list(checkpoint["classes"])
+    if saved != list(data.classes):  # same count, other names or order: every label would mean another class
+        pairs = [f"{i}: {a!r} (checkpoint) vs {b!r} (data)" for i, (a, b) in enumerate(zip(saved, data.classes))
+                 if a != b]
+        raise ByotError(f"{source} was trained on other classes than the data's: {len(pairs)} differ "
+                        f"({'; '.join(pairs[:3])}{'; ...' if len(pairs) > 3 else ''}); use the data set it was "
+                        "trained on")
+
+
+
+def checkpoint_normalization(checkpoint: dict | None, default: tuple) -> tuple:
+    """The (mean, std) a checkpoint's model was trained with: its own where it says (a reference-script
+    checkpoint), else ``default`` (the data set's)."""
+    stored = checkpoint.get("normalization") if checkpoint else None
+    return (tuple(stored[0]), tuple(stored[1])) if stored else default
+
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a checkpoint's weights into ``model``; a checkpoint of another shape (architecture, width,
+    head, class count) is refused with what differs, before anything is copied."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+                 for items, label in ((missing, "tensors missing"), (unexpected, "unexpected tensors"),
+                                      (shapes, "shape mismatches (checkpoint vs model)")) if items]
+        raise ByotError(f"{source} does not fit the model built from its config: {'; '.join(parts)}; was it "
+                        "written by another byot version or edited by hand?")
+    model.load_state_dict(state)
+
+
+
+def check_single_sample_batches(model: MultiExitNet, data: DataBundle) -> None:
+    # BatchNorm cannot train on one value per channel: a 1-image batch needs maps larger than 1x1.
+    if min(data.train.batch_size, data.train.num_samples) > 1:
+        return
+    last = model.stage_shapes[-1]
+    if last.height * last.width < 2:
+        raise ByotError(f"training batches of one image at {data.image_size} px leave 1x1 feature maps, which "
+                        "BatchNorm cannot normalise; use --batch-size 2 or more, or a larger --image-size")
+
+
+
+def build_trained(cfg: TrainConfig, checkpoint: dict, device: torch.device) -> tuple[MultiExitNet, Runtime]:
+    """The checkpoint's model, in eval mode on ``device``, and the runtime (amp, memory format) to run it."""
+    model = build_model(cfg, checkpoint["num_classes"], checkpoint["image_size"], checkpoint)
+    mean, std = checkpoint_normalization(checkpoint, NORMALIZATION[cfg.dataset])
+    runtime = make_runtime(device, mean, std, cfg.amp, cfg.channels_last, model, training=False)
+    load_model_state(model, checkpoint["model"], cfg.resume or "the checkpoint")
+    return runtime.place(model).eval(), evaluation_runtime(runtime, cfg.amp)

@@ -1,0 +1,73 @@
+"""A command's run configuration: defaults -> a checkpoint's config (with --resume) -> YAML file -> flags,
+and the run directory a resumed checkpoint belongs to."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+from pathlib import Path
+from typing import Any
+
+from byot.config import (
+    TrainConfig,
+    build_config,
+    check_model_options,
+    load_yaml,
+)
+from byot.engine.checkpoint import (
+    load_checkpoint,
+)
+from byot.engine.rundir import LATEST, PREVIOUS
+from byot.errors import ByotError
+
+log = logging.getLogger("byot")
+
+
+def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, dict | None]:
+    """defaults -> checkpoint's config (with --resume) -> YAML file -> flags; returns (config, checkpoint)."""
+    explicit = {**(load_yaml(config_file) if config_file else {}), **given}
+    checkpoint = None
+    if explicit.get("resume") == "auto":
+        explicit["resume"], checkpoint = find_resumable(build_config({}, {**explicit, "resume": None}).run_dir)
+    if not explicit.get("resume"):
+        return build_config({}, explicit), None
+    checkpoint = checkpoint or load_checkpoint(explicit["resume"])
+    saved = dict(checkpoint.get("config", {}))
+    # None meant "the data set's own size"; compare a given --image-size with the size it became
+    effective = {**saved, "image_size": saved.get("image_size") or checkpoint.get("image_size")}
+    check_model_options(effective, explicit, explicit["resume"])
+    saved.pop("device", None)  # where it ran before says nothing about where it runs now
+    # where it wrote before neither: the run directory comes from the command line, or from where the
+    # checkpoint lies (continue the run it belongs to), never from the file's contents, so a checkpoint
+    # received from elsewhere cannot make this run write into a path of its choosing
+    saved.pop("save_folder", None)
+    own = own_save_folder(Path(explicit["resume"]), saved.get("arch", ""))
+    if own is not None and "save_folder" not in explicit:
+        explicit["save_folder"] = own
+    return build_config(saved, explicit), checkpoint
+
+
+
+def own_save_folder(checkpoint_path: Path, arch: str) -> str | None:
+    """SAVE_FOLDER of the run directory a checkpoint lies in (SAVE_FOLDER/ARCH/file), else None."""
+    folder = checkpoint_path.expanduser().parent
+    return str(folder.parent) if arch and folder.name == arch else None
+
+
+
+def find_resumable(run_dir: Path) -> tuple[str | None, dict | None]:
+    """The newest readable checkpoint of ``run_dir`` (latest, else previous) and its contents, read once;
+    (None, None) for a new run."""
+    for name in (LATEST, PREVIOUS):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            state = load_checkpoint(path)
+        except ByotError as e:
+            log.warning("--resume auto: skipping %s: %s", path, e)
+            continue
+        log.info("--resume auto: continuing from %s", path)
+        return str(path), state
+    log.info("--resume auto: no checkpoint in %s; starting a new run", run_dir)
+    return None, None
