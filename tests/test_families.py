@@ -84,7 +84,14 @@ def test_real_cascade_equals_the_simulated_policy(runs, cifar100_small, name):
     assert len(set(stage.tolist())) > 1  # the policy really exits early for some images
 
 
-@pytest.mark.parametrize("name", list_models())
+# one entry per family and kind of block (an ONNX export takes 5-20 s on the 2-core CPU; the entries of a family
+# differ only in depth and width, which the forward tests above cover for every one); multi_resnet18_kd's export
+# is tested on a trained model in test_deploy.py
+ONNX_ENTRIES = ["multi_resnet50_kd", "multi_resnext50_32x4d_kd", "multi_vgg16_kd", "multi_wrn16_4_kd",
+                "multi_resnext29_8x64d_kd", "multi_pyramidnet110_48_kd", "multi_mobilenetv2_kd"]
+
+
+@pytest.mark.parametrize("name", ONNX_ENTRIES)
 def test_onnx_export_of_every_exit_matches_pytorch_under_onnxruntime(runs, cifar100_small, tmp_path, name):
     pytest.importorskip("onnxruntime")
     path = runs[name] / "straight" / name / "checkpoint_latest.pth.tar"
@@ -127,7 +134,8 @@ DDP_SCRIPT = textwrap.dedent("""
         gathered = [torch.empty_like(grads) for _ in range(world)]
         dist.all_gather(gathered, grads)
         assert torch.equal(gathered[0], gathered[1]), name  # every process holds the same averaged gradient
-        print("ok", name, flush=True)
+        if rank == 0:
+            print("ok", name, flush=True)
     dist.destroy_process_group()
 """)
 
@@ -140,5 +148,4 @@ def test_ddp_with_two_gloo_processes_runs_every_model(tmp_path):
                            str(script), str(Path(__file__).parent)], env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok")) == \
-        sorted(list_models()) * 2
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok")] == list_models()

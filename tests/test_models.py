@@ -248,3 +248,19 @@ def test_multi_exit_resnets_have_the_reference_scripts_parameter_counts():
     # teacher models/resnet.py), without its never-used downsample*_1 modules (232,448 and 3,682,304 parameters)
     assert _count("multi_resnet18_kd", 100) == 13_243_600 - 232_448 == 13_011_152
     assert _count("multi_resnet50_kd", 100) == 54_113_232 - 3_682_304 == 50_430_928
+
+
+def test_checkpoints_written_before_the_contract_keep_their_attention_mask():
+    # byot < 0.2 wrote no "model_spec"; its attention exits were trained with the ReLU -> sigmoid mask, and
+    # rebuilding them with it makes them test to the accuracy they were trained to (a real 0.1.0 checkpoint
+    # tested identically per exit with 0.1.0 and with this code: see the session note of issue 13)
+    from byot.config import build_config
+    from byot.engine.build import build_model
+
+    cfg = build_config({}, {"head": "attention", "width": 4})
+    old = build_model(cfg, 10, 32, {"model": {}})
+    new = build_model(cfg, 10, 32, {"model": {}, "model_spec": {}})
+    assert isinstance(old.heads[0].attention[-1], torch.nn.ReLU)
+    assert not isinstance(new.heads[0].attention[-1], torch.nn.ReLU)
+    plain = build_model(build_config({}, {"width": 4}), 10, 32, {"model": {}})  # bottleneck heads: no mask
+    assert not hasattr(plain.heads[0], "attention")

@@ -44,24 +44,26 @@ def ref_branch(channel_in: int, channel_out: int, kernel_size: int) -> nn.Sequen
 
 
 class RefMultiResNet18(nn.Module):
-    """The reference's Multi_ResNet(BasicBlock, [2, 2, 2, 2]): module names and forward as it has them."""
+    """The reference's Multi_ResNet(BasicBlock, [2, 2, 2, 2]): module names and forward as it has them. Its
+    widths are 64, 128, 256, 512 (``w`` = 64); the tests use a narrower copy of the same structure to stay
+    fast on the CPU (byot reads the width from the file)."""
 
-    def __init__(self, num_classes: int = 100) -> None:
+    def __init__(self, num_classes: int = 100, w: int = 64) -> None:
         super().__init__()
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.inplanes = w
+        self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(64, 2)
-        self.layer2 = self._make_layer(128, 2, 2)
-        self.layer3 = self._make_layer(256, 2, 2)
-        self.layer4 = self._make_layer(512, 2, 2)
-        for k, (channels, kernel) in enumerate(((64, 8), (128, 4), (256, 2)), start=1):
-            setattr(self, f"downsample{k}_1", nn.Sequential(nn.Conv2d(channels, 512, 1, kernel, bias=False),
-                                                            nn.BatchNorm2d(512)))  # never used in forward
-            setattr(self, f"bottleneck{k}_1", ref_branch(channels, 512, kernel))
-            setattr(self, f"middle_fc{k}", nn.Linear(512, num_classes))
-        self.fc = nn.Linear(512, num_classes)
+        self.layer1 = self._make_layer(w, 2)
+        self.layer2 = self._make_layer(2 * w, 2, 2)
+        self.layer3 = self._make_layer(4 * w, 2, 2)
+        self.layer4 = self._make_layer(8 * w, 2, 2)
+        for k, (channels, kernel) in enumerate(((w, 8), (2 * w, 4), (4 * w, 2)), start=1):
+            setattr(self, f"downsample{k}_1", nn.Sequential(nn.Conv2d(channels, 8 * w, 1, kernel, bias=False),
+                                                            nn.BatchNorm2d(8 * w)))  # never used in forward
+            setattr(self, f"bottleneck{k}_1", ref_branch(channels, 8 * w, kernel))
+            setattr(self, f"middle_fc{k}", nn.Linear(8 * w, num_classes))
+        self.fc = nn.Linear(8 * w, num_classes)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -90,7 +92,9 @@ REFERENCE_MEAN, REFERENCE_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.201
 @pytest.fixture(scope="module")
 def reference_file(tmp_path_factory):
     torch.manual_seed(0)
-    model = RefMultiResNet18(100)
+    full = sum(p.numel() for p in RefMultiResNet18(100).parameters())
+    assert full == 13_243_600  # the reference's multi_resnet18_kd, its unused downsample*_1 included
+    model = RefMultiResNet18(100, w=16)
     for m in model.modules():  # trained-looking BatchNorm statistics, so that every buffer must map right
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)

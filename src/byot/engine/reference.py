@@ -73,8 +73,8 @@ def convert_reference(state: dict[str, Any], source: str) -> dict[str, Any]:
             dropped.append(key)
         else:
             model[target] = tensor
-    if "heads.3.fc.weight" not in model:
-        raise ByotError(f"{source} has no 'fc.weight': not a reference multi-exit ResNet's state dict")
+    if "heads.3.fc.weight" not in model or "stem.0.weight" not in model:
+        raise ByotError(f"{source} has no 'conv1.weight' or 'fc.weight': not a reference multi-exit ResNet's state dict")
     prefixes = sorted({k.split(".")[0] for k in dropped})
     log.info("%s: a reference-script checkpoint (epoch %s of %s); mapped %d tensors one to one, dropped %d of the "
              "never-used %s", source, state["epoch"], arch, len(model), len(dropped), ", ".join(prefixes) or "-")
@@ -86,7 +86,9 @@ def convert_reference(state: dict[str, Any], source: str) -> dict[str, Any]:
         "arch": arch, "num_classes": num_classes,
         "classes": None,  # the reference stores none: the data's (CIFAR-100's names) are taken, by count
         "image_size": 32,
-        "config": {"arch": arch, "dataset": "cifar100", "image_size": 32, "width": 64, "stem": "cifar",
+        # the reference's width is 64; read from the file, a narrower network of the same structure loads too
+        "config": {"arch": arch, "dataset": "cifar100", "image_size": 32, "width": int(model["stem.0.weight"].shape[0]),
+                   "stem": "cifar",
                    "head": "bottleneck", "distill": True},
         # the reference saves after training its 0-based epoch ``epoch``: epoch + 1 epochs are done
         "epoch": epoch + 1,
