@@ -117,6 +117,21 @@ def _reference_logits(model: nn.Module, data_dir) -> tuple[list[torch.Tensor], t
         return model(images), torch.tensor(test["fine_labels"])
 
 
+def test_the_reference_names_cifar100s_classes_in_label_order(cifar100_full):
+    from byot.engine.reference import CIFAR100_CLASSES
+
+    assert list(CIFAR100_CLASSES) == list(cifar100_full["meta"]["fine_label_names"])
+
+
+def test_calibrate_does_not_write_into_a_reference_file(reference_file, cifar100_small, capsys):
+    path, _ = reference_file
+    before = path.read_bytes()
+    code = main(["calibrate", "multi_resnet18_kd", "--data-dir", str(cifar100_small), "--resume", str(path),
+                 "--val-split", "0.2"])
+    assert code == 2 and "does not write into it" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
 def test_byot_test_evaluates_a_reference_checkpoint_to_its_own_accuracy(reference_file, cifar100_small, capsys,
                                                                          caplog):
     path, model = reference_file

@@ -4,6 +4,7 @@ written to the run directory and into every checkpoint."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -71,6 +72,7 @@ class TrainConfig:
 
 
 # Options that fix the weights' shapes: a checkpoint's values win, and a different value is an error.
+# Options that fix the weights' shapes (compared through ``model_identity``, not as spelled)
 MODEL_FIELDS = ("arch", "width", "stem", "model_options", "exits", "distill", "head", "dataset", "image_size")
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
@@ -167,6 +169,8 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     """``value`` as the field's type; a value of another kind (a list for a name, a word for a number,
     true for a width) is an error rather than something Python happens to convert."""
     kind = str(field.type)
+    if field.name == "exits" and isinstance(value, (list, tuple)):  # YAML's [2, 3]: the flag's "2,3"
+        value = ",".join(str(v) for v in value)
     if kind == "dict":
         if not isinstance(value, dict):
             raise ByotError(f"option {field.name} must be a mapping of names to values, not {_short(value)}")
@@ -272,8 +276,9 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.exits is not None and not cfg.distill:
         raise ByotError("--exits places shallow exits, which the plain backbone (--no-distill) does not have; "
                         "drop one of them")
-    model_spec(cfg.arch, family_arguments(cfg))  # the family's options: names, types, ranges (one line if wrong)
-    parse_exits(cfg.exits)
+    spec = model_spec(cfg.arch, family_arguments(cfg))  # the family's options: names, types, ranges (one line)
+    if cfg.exits is not None:
+        _exit_stages(cfg.arch, spec, parse_exits(cfg.exits))  # stages the network has (a shapes-only build)
 
 
 def family_arguments(cfg: TrainConfig) -> dict[str, Any]:
@@ -286,13 +291,43 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def check_model_options(saved: dict[str, Any], given: dict[str, Any], source: str) -> None:
-    """Raise when an explicitly given model option disagrees with the checkpoint's."""
-    clashes = [f"--{k.replace('_', '-')} {given[k]!r} (checkpoint: {saved.get(k)!r})"
-               for k in MODEL_FIELDS if k in given and k in saved and k != "model_options" and given[k] != saved[k]]
-    options, stored = given.get("model_options") or {}, saved.get("model_options") or {}
-    clashes += [f"--model-option {k}={v!r} (checkpoint: {stored.get(k)!r})" for k, v in options.items()
-                if stored.get(k) != v]
+def model_identity(cfg: TrainConfig, image_size: int | None = None) -> dict[str, Any]:
+    """What fixes a run's weights and their meaning, in canonical form: two configs with the same identity
+    build the same model whatever way their options were spelled (``--width 64`` or the family's default,
+    ``--exits 1,2,3`` or the natural exits, ``--model-option widen=4`` on a name that fixes it).
+    ``image_size``: the size an unset ``--image-size`` resolved to (a checkpoint's)."""
+    spec = model_spec(cfg.arch, family_arguments(cfg))
+    identity: dict[str, Any] = {"arch": cfg.arch}
+    identity.update({f"option {k}": v for k, v in dataclasses.asdict(spec).items()})
+    identity["exits"] = _exit_stages(cfg.arch, spec, parse_exits(cfg.exits)) if cfg.distill else ()
+    identity.update(distill=cfg.distill, head=cfg.head if cfg.distill else None, dataset=cfg.dataset,
+                    image_size=cfg.image_size or image_size)
+    return identity
+
+
+@functools.lru_cache(maxsize=64)
+def _exit_stages(arch: str, spec: Any, exits: bool | tuple[int, ...]) -> tuple[int, ...]:
+    """The stages that get a shallow exit, resolved on the family's real stage count (a shapes-only build)."""
+    import torch
+
+    from byot.models.registry import build_from_spec
+
+    with torch.device("meta"):
+        return tuple(build_from_spec(arch, spec, exits).exit_stages[:-1])
+
+
+def _flag(key: str, value: Any) -> str:
+    if key.startswith("option "):
+        name = key[len("option "):]
+        return f"--{name} {value!r}" if name in ("width", "stem") else f"--model-option {name}={value!r}"
+    return f"--{key.replace('_', '-')} {value!r}"
+
+
+def check_same_model(saved: TrainConfig, wanted: TrainConfig, source: str, image_size: int | None = None) -> None:
+    """Raise when ``wanted`` (a checkpoint's config with the command's flags over it) builds another model
+    than the checkpoint's ``saved`` config, naming each option that differs."""
+    before, after = model_identity(saved, image_size), model_identity(wanted, image_size)
+    clashes = [f"{_flag(k, after[k])} (checkpoint: {before[k]!r})" for k in after if before.get(k) != after[k]]
     if clashes:
         raise ByotError(f"{source} was trained with other model options: {'; '.join(clashes)}; "
                         "drop these flags (the model is rebuilt from the checkpoint) or start a new run")

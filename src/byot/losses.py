@@ -1,10 +1,11 @@
 """The self-distillation loss of "Be Your Own Teacher" as pure functions plus one thin module.
 
-    total = (1 - alpha) * sum_{i=1..4} CE(y, z_i)
-          + alpha * T^2 * sum_{i=1..3} softCE(softmax(z_4 / T), z_i / T)
-          + beta * sum_{i=1..3} sum((f_i - f_4)^2 where f_i > 0 or f_4 > 0)
+    total = (1 - alpha) * sum_{i=1..n} CE(y, z_i)
+          + alpha * T^2 * sum_{i=1..n-1} softCE(softmax(z_n / T), z_i / T)
+          + beta * sum_{i=1..n-1} sum((f_i - f_n)^2 where f_i > 0 or f_n > 0)
 
-z_i are exit i's logits, f_i its pooled features; exit 4 (the deepest) is the teacher.
+z_i are exit i's logits, f_i its pooled features, shallow to deep; exit n (the deepest) is the teacher. The
+terms are named by the exits' numbers (``exit_ids``: a model's ``exit_stages``, e.g. ``kd/exit2``).
 """
 
 from __future__ import annotations

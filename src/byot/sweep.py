@@ -51,7 +51,15 @@ from typing import Any
 
 import yaml
 
-from byot.config import FIELD_NAMES, RANGES, TrainConfig, build_config, load_yaml
+from byot.config import (
+    FIELD_NAMES,
+    MODEL_FIELDS,
+    RANGES,
+    TrainConfig,
+    build_config,
+    load_yaml,
+    model_identity,
+)
 from byot.engine.checkpoint import write_text_atomic
 from byot.engine.rundir import LATEST, PREVIOUS, run_files
 from byot.engine.runfiles import read_metrics, read_test_result
@@ -89,7 +97,11 @@ class Sweep:
         return self.runs_dir / slug(row.name) / f"seed{seed}"
 
     def options(self, row: Row, seed: int) -> dict[str, Any]:
-        return {**self.base, **row.options, "seed": seed}
+        """The base's options with the row's over them (the family's model_options add up, as in a config)."""
+        merged = {**self.base, **row.options, "seed": seed}
+        if isinstance(self.base.get("model_options"), dict) and isinstance(row.options.get("model_options"), dict):
+            merged["model_options"] = {**self.base["model_options"], **row.options["model_options"]}
+        return merged
 
     def config(self, row: Row, seed: int) -> TrainConfig:
         """The config the run's ``byot train`` child resolves (bar resume and progress)."""
@@ -234,10 +246,16 @@ def config_changes(wanted: TrainConfig, run_dir: Path) -> list[str] | None:
     if stored is None:
         return None
     changes = []
-    for name in FIELD_NAMES:
+    for name in FIELD_NAMES:  # the model's fields through their canonical identity (below), not as spelled
         old, new = (_comparable(name, getattr(c, name)) for c in (stored, wanted))
-        if name not in UNCOMPARED and old != new:
+        if name not in (*UNCOMPARED, *MODEL_FIELDS) and old != new:
             changes.append(f"{name} {old} -> {new}")
+    try:
+        before = model_identity(stored)
+    except ByotError as e:  # options an older byot wrote that this one does not take
+        return [*changes, f"model ({e})"]
+    after = model_identity(wanted)
+    changes += [f"{k} {before.get(k)} -> {v}" for k, v in after.items() if before.get(k) != v]
     return changes
 
 

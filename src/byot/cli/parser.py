@@ -251,7 +251,8 @@ def _add_deployment(sub: argparse._SubParsersAction, arch_help: str) -> None:
     exp.add_argument("arch", help=arch_help)
     exp.add_argument("--resume", required=True, help="the checkpoint to export")
     exp.add_argument("--exit", dest="exit_number", default="deepest",
-                     help="an exit's number (the stage it reads: 1-4 for the ResNets), 'deepest' (default) or 'all'")
+                     help="an exit's number (the stage it reads: one of the model's exits, e.g. 1-4 for a ResNet with "
+                          "its natural exits), 'deepest' (default) or 'all'")
     exp.add_argument("--format", dest="fmt", choices=_export_formats(), default="onnx")
     exp.add_argument("--out", required=True, help="file to write (an existing file is refused without --force)")
     exp.add_argument("--force", action="store_true", help="replace an existing --out file (never the checkpoint)")

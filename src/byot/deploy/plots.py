@@ -26,12 +26,11 @@ def write_curve(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def _write_csv(result: dict[str, Any], path: Path) -> None:
-    n_shallow = len(result["points"][0]["thresholds"])
-    n_exits = len(result["points"][0]["exit_shares"])
+    numbers = [e["exit"] for e in result["exits"]]  # the stages the exits read (1, 2, 3, 4 for a ResNet)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*(f"threshold_exit{i + 1}" for i in range(n_shallow)), "top1", "mean_flops",
-                    *(f"share_exit{i + 1}" for i in range(n_exits))])
+        w.writerow([*(f"threshold_exit{k}" for k in numbers[:-1]), "top1", "mean_flops",
+                    *(f"share_exit{k}" for k in numbers)])
         for p in result["points"]:
             w.writerow([*(f"{t:.6g}" for t in p["thresholds"]), f"{p['top1']:.4f}", f"{p['mean_flops']:.0f}",
                         *(f"{s:.4f}" for s in p["exit_shares"])])

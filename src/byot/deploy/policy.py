@@ -169,7 +169,7 @@ def fit_thresholds(logits: torch.Tensor, targets: torch.Tensor, costs: list[dict
         feasible = scored.mean_flops <= budget_flops * (1 + 1e-12)
         if not feasible.any():
             raise ByotError(f"--budget-flops {budget_flops:.4g} is below the cheapest policy's "
-                            f"{scored.mean_flops.min().item():.4g} FLOPs per image (every sample at exit 1)")
+                            f"{scored.mean_flops.min().item():.4g} FLOPs per image (every sample at the first exit)")
         best = _lexicographic_best(feasible, scored.top1, -scored.mean_flops)  # most accurate, then cheapest
     else:
         if max_drop < 0:

@@ -69,10 +69,19 @@ def _temperatures(checkpoint: dict, use_calibration: bool, n_exits: int) -> tupl
     return tuple(stored) if stored else ()
 
 
+def _check_writable(checkpoint: dict, path: Path) -> None:
+    """Refuse, before any work, to store fitted values into a reference-script checkpoint."""
+    if checkpoint.get("reference") is not None:
+        raise ByotError(f"{path} is the reference script's checkpoint: byot does not write into it (the reference "
+                        "could no longer read it); continue it into a byot run first (byot train ARCH --resume "
+                        f"{path} --save-folder DIR), then run this command on DIR's checkpoint")
+
+
 def calibrate(cfg: TrainConfig, checkpoint: dict) -> dict[str, Any]:
     """Fit one temperature per exit on the validation split, store it in the checkpoint, and report
     NLL and ECE before and after on the validation and the test split."""
     path = _checkpoint_path(cfg)
+    _check_writable(checkpoint, path)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
     check_checkpoint_fits(checkpoint, data, str(path))
@@ -133,6 +142,8 @@ def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: 
     """The test split's accuracy-versus-FLOPs curve (JSON, CSV, PNG in ``out_dir``); with ``budget_flops``
     or ``max_drop`` thresholds fitted on the validation split, stored in the checkpoint, scored on test."""
     path = _checkpoint_path(cfg)
+    if budget_flops is not None or max_drop is not None:
+        _check_writable(checkpoint, path)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
     check_checkpoint_fits(checkpoint, data, str(path))

@@ -18,9 +18,10 @@ def format_calibration(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _policy_line(label: str, p: dict[str, Any]) -> str:
+def _policy_line(label: str, p: dict[str, Any], numbers: list[int]) -> str:
     t = p["test"]
     shares = " / ".join(f"{s * 100:.0f}%" for s in t["exit_shares"])
+    shares += f" (exits {', '.join(map(str, numbers))})"
     thresholds = ", ".join("never" if x > 1 else f"{x:.4f}" for x in p["thresholds"])
     return (f"{label}: thresholds {thresholds}; test top-1 {t['top1']:.2f}, {t['mean_flops'] / MFLOPS:.1f} MFLOPs "
             f"per image ({t['speedup']:.2f}x fewer than the full network), answered by exits {shares}")
@@ -34,7 +35,8 @@ def format_early_exit(r: dict[str, Any]) -> str:
         lines.append(f"{'exit ' + str(e['exit']):<10}{e['top1']:>8.2f}{e['flops'] / MFLOPS:>10.1f}")
     lines.append(f"{'ensemble':<10}{r['ensemble']['top1']:>8.2f}{r['ensemble']['flops'] / MFLOPS:>10.1f}")
     lines.append(f"curve ({len(r['points'])} shared thresholds):")
-    lines.append(f"  {'threshold':>10}{'top-1':>8}{'MFLOPs':>10}  exit shares")
+    lines.append(f"  {'threshold':>10}{'top-1':>8}{'MFLOPs':>10}  shares of exits "
+                 f"{', '.join(str(e['exit']) for e in r['exits'])}")
     for p in r["points"]:
         t = p["thresholds"][0]
         shares = " ".join(f"{s * 100:3.0f}%" for s in p["exit_shares"])
@@ -43,9 +45,10 @@ def format_early_exit(r: dict[str, Any]) -> str:
     if "fitted" in r:
         f = r["fitted"]
         criterion = ", ".join(f"{k} {v:g}" for k, v in f["criterion"].items())
-        lines.append(_policy_line(f"fitted on validation ({criterion}; val top-1 {f['val']['top1']:.2f})", f))
+        lines.append(_policy_line(f"fitted on validation ({criterion}; val top-1 {f['val']['top1']:.2f})", f,
+                                  [e["exit"] for e in r["exits"]]))
     if "given" in r:
-        lines.append(_policy_line("given", r["given"]))
+        lines.append(_policy_line("given", r["given"], [e["exit"] for e in r["exits"]]))
     for t in r.get("timing", []):
         lines.append(f"batch {t['batch_size']}: full network {t['full_images_per_s']:.1f} img/s, early exit "
                      f"{t['early_exit_images_per_s']:.1f} img/s ({t['wall_speedup']:.2f}x wall clock, "

@@ -125,7 +125,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     return {"arch": spec.arch, "device": str(device), "batch_size": spec.batch_size, "image_size": spec.image_size,
             "amp": runtime.amp, "channels_last": runtime.channels_last, "compile": spec.compile,
             "train_images_per_s": train_ips, "peak_memory_mb": _peak_memory_mb(device), "exits": exits,
-            "width": spec.width, "head": spec.head, "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "width": getattr(model.spec, "width", spec.width), "head": spec.head, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 VARIANTS = [  # (name, amp, channels_last, compile): each adds one thing to the row before

@@ -31,9 +31,12 @@ log = logging.getLogger("byot")
 def build_model(cfg: TrainConfig, num_classes: int, image_size: int, checkpoint: dict | None = None) -> MultiExitNet:
     """The model ``cfg`` names; a checkpoint written before the multi-exit contract (no "model_spec") keeps
     the attention mask it was trained with."""
-    legacy = checkpoint is not None and "model_spec" not in checkpoint and cfg.head == "attention"
+    legacy = False
+    if checkpoint is not None and cfg.head == "attention":  # the record says; none at all: written before 0.2
+        legacy = bool(checkpoint.get("model_spec", {}).get("legacy_attention", "model_spec" not in checkpoint))
     if legacy:
-        log.info("this checkpoint predates byot 0.2: its attention exits keep their old ReLU -> sigmoid mask")
+        log.info("this checkpoint's attention exits were trained with byot 0.1's ReLU -> sigmoid mask: rebuilt "
+                 "with it")
     exits = parse_exits(cfg.exits) if cfg.distill else False
     return create_model(cfg.arch, num_classes, image_size, exits, cfg.head, legacy, **family_arguments(cfg))
 
@@ -64,13 +67,10 @@ def balanced_class_weights(counts: list[int], device: torch.device) -> torch.Ten
 
 
 def check_checkpoint_fits(checkpoint: dict, data: DataBundle, source: str) -> None:
-    """The data's classes are the checkpoint's (a reference-script checkpoint, which names none, takes the
-    data's names once the count agrees)."""
+    """The data's classes are the checkpoint's, by count and by name."""
     if checkpoint["num_classes"] != len(data.classes):
         raise ByotError(f"{source} has {checkpoint['num_classes']} classes but the data has {len(data.classes)}; "
                         "use the data set it was trained on")
-    if checkpoint["classes"] is None:
-        checkpoint["classes"] = list(data.classes)
     saved = list(checkpoint["classes"])
     if saved != list(data.classes):  # same count, other names or order: every label would mean another class
         pairs = [f"{i}: {a!r} (checkpoint) vs {b!r} (data)" for i, (a, b) in enumerate(zip(saved, data.classes))

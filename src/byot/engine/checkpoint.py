@@ -179,7 +179,7 @@ def _count(v: Any, least: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
-# field -> (what it must be, check); every byot run writes each of these (see engine.run._checkpoint_state)
+# field -> (what it must be, check); every byot run writes each of these (see engine.fit._checkpoint_state)
 REQUIRED_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "arch": ("a string", lambda v: isinstance(v, str)),
     "num_classes": ("an integer >= 1", lambda v: _count(v, 1)),
@@ -220,7 +220,7 @@ def checkpoint_problem(state: dict[str, Any]) -> str | None:
     are refused on load, not half-used."""
     reference = state.get("reference") is not None  # converted from the reference script: weights only
     for name, (what, ok) in REQUIRED_FIELDS.items():
-        if reference and name in ("optimizer", "rng", "classes"):
+        if reference and name in ("optimizer", "rng"):
             continue
         if name not in state:
             return f"it has no '{name}' field"
@@ -229,7 +229,7 @@ def checkpoint_problem(state: dict[str, Any]) -> str | None:
     for name, (what, ok) in OPTIONAL_FIELDS.items():
         if state.get(name) is not None and not ok(state[name]):
             return f"'{name}' must be {what}"
-    if state["classes"] is not None and len(state["classes"]) != state["num_classes"]:
+    if len(state["classes"]) != state["num_classes"]:
         return f"'classes' lists {len(state['classes'])} names for num_classes {state['num_classes']}"
     return None
 
@@ -246,6 +246,8 @@ def update_checkpoint(path: str | Path, entries: dict[str, Any], fitted_on: str 
     path = Path(path).expanduser()
     with write_lock(path.parent):
         state = load_checkpoint(path)
+        if state.get("reference") is not None:  # the commands refuse earlier (deploy.run._check_writable)
+            raise ByotError(f"{path} is the reference script's checkpoint: byot does not write into it")
         if fitted_on is not None and state[DIGEST] != fitted_on:
             raise ByotError(f"{path} changed while this command ran (was it rewritten by a training run?): "
                             f"what was fitted on the weights read before is not stored; run the command again")

@@ -30,6 +30,21 @@ REFERENCE_ARCHS = ("multi_resnet18_kd", "multi_resnet34_kd", "multi_resnet50_kd"
                    "multi_resnet152_kd")
 # the reference's data loader: CIFAR-10's statistics, for CIFAR-100 too
 REFERENCE_NORMALIZATION = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+# CIFAR-100's fine labels in label order (the data set's meta file): the reference trained on CIFAR-100 only
+# and stores no class names
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo",
+    "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree",
+    "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree",
+    "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit",
+    "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper",
+    "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe",
+    "whale", "willow_tree", "wolf", "woman", "worm",
+)
 _RENAMES = [
     (re.compile(r"conv1\.(.+)"), r"stem.0.\1"),
     (re.compile(r"bn1\.(.+)"), r"stem.1.\1"),
@@ -84,7 +99,7 @@ def convert_reference(state: dict[str, Any], source: str) -> dict[str, Any]:
     return {
         "version": REFERENCE, "reference": {"dropped": dropped, "epoch_index": epoch},
         "arch": arch, "num_classes": num_classes,
-        "classes": None,  # the reference stores none: the data's (CIFAR-100's names) are taken, by count
+        "classes": list(CIFAR100_CLASSES) if num_classes == 100 else [str(i) for i in range(num_classes)],
         "image_size": 32,
         # the reference's width is 64; read from the file, a narrower network of the same structure loads too
         "config": {"arch": arch, "dataset": "cifar100", "image_size": 32, "width": int(model["stem.0.weight"].shape[0]),

@@ -11,7 +11,7 @@ from typing import Any
 from byot.config import (
     TrainConfig,
     build_config,
-    check_model_options,
+    check_same_model,
     load_yaml,
 )
 from byot.engine.checkpoint import (
@@ -33,9 +33,13 @@ def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tup
         return build_config({}, explicit), None
     checkpoint = checkpoint or load_checkpoint(explicit["resume"])
     saved = dict(checkpoint.get("config", {}))
-    # None meant "the data set's own size"; compare a given --image-size with the size it became
-    effective = {**saved, "image_size": saved.get("image_size") or checkpoint.get("image_size")}
-    check_model_options(effective, explicit, explicit["resume"])
+    source = explicit["resume"]
+    if explicit.get("arch") not in (None, saved.get("arch")):
+        raise ByotError(f"{source} was trained with other model options: --arch {explicit['arch']!r} (checkpoint: "
+                        f"{saved.get('arch')!r}); drop these flags (the model is rebuilt from the checkpoint) or "
+                        "start a new run")
+    # None meant "the data set's own size": a given --image-size is compared with the size it became
+    check_same_model(build_config({}, saved), build_config(saved, explicit), source, checkpoint.get("image_size"))
     saved.pop("device", None)  # where it ran before says nothing about where it runs now
     # where it wrote before neither: the run directory comes from the command line, or from where the
     # checkpoint lies (continue the run it belongs to), never from the file's contents, so a checkpoint

@@ -82,7 +82,7 @@ def resolve_exits(exits: bool | Sequence[int], num_stages: int, natural: Sequenc
         return []
     if exits is True:
         return list(natural if natural is not None else range(1, num_stages))
-    chosen = sorted({int(k) for k in exits})
+    chosen = sorted({int(k) for k in exits} - {num_stages})  # the deepest exit is always there: naming it is fine
     bad = [k for k in chosen if not 1 <= k < num_stages]
     if bad or not chosen:
         raise ByotError(f"--exits {','.join(map(str, exits)) or '(empty)'}: this network has {num_stages} stages; "
@@ -124,6 +124,8 @@ class MultiExitNet(nn.Module):
     def path(self, depth: int | None = None) -> list[Step]:
         """The walk: the stem, then stages 1..``depth`` (default all), each with the head that reads it."""
         last = len(self.stages) if depth is None else depth
+        if not 1 <= last <= len(self.stages):
+            raise ByotError(f"depth {depth}: this network has stages 1 to {len(self.stages)}")
         return [Step(0, self.stem, None),
                 *(Step(k, self.stages[k - 1], self.head_after(k)) for k in range(1, last + 1))]
 

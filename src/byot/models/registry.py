@@ -9,6 +9,8 @@ one-line errors) and builds the network on the multi-exit contract (``byot.model
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -84,7 +86,8 @@ def model_spec(name: str, options: dict[str, Any] | None = None) -> Any:
     naming the option and what the family takes.
     """
     entry = model_entry(name)
-    kinds = {f.name: str(f.type) for f in fields(entry.family.spec)}
+    hints = typing.get_type_hints(entry.family.spec)  # real types, whether or not the annotations are strings
+    kinds = {f.name: _kind(hints[f.name]) for f in fields(entry.family.spec)}
     given = dict(options or {})
     unknown = sorted(set(given) - set(kinds))
     if unknown:
@@ -92,8 +95,8 @@ def model_spec(name: str, options: dict[str, Any] | None = None) -> Any:
                         f"{', '.join(kinds)}")
     values = {**entry.fixed}
     for key, value in given.items():
-        kind = kinds[key].split(" |")[0]
-        if kind.startswith("tuple"):
+        kind = kinds[key]
+        if kind == "tuple":
             values[key] = _int_tuple(key, value)
             continue
         try:
@@ -101,6 +104,16 @@ def model_spec(name: str, options: dict[str, Any] | None = None) -> Any:
         except (TypeError, ValueError) as e:
             raise ByotError(f"{name}: option {key} must be {kind}, not {value!r}") from e
     return entry.family.spec(**values)
+
+
+def _kind(hint: Any) -> str:
+    """"bool", "int", "float", "str" or "tuple" for a spec field's type."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return "tuple"
+    if origin in (typing.Union, types.UnionType):
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    return getattr(hint, "__name__", str(hint))
 
 
 def _int_tuple(key: str, value: Any) -> tuple[int, ...]:
@@ -135,11 +148,16 @@ def create_model(name: str, num_classes: int = 100, image_size: int = 32, exits:
     """
     if num_classes < 1 or image_size < 1:
         raise ByotError(f"num_classes and image_size must be positive (got {num_classes}, {image_size})")
-    spec = model_spec(name, options)
+    return build_from_spec(name, model_spec(name, options), exits, num_classes, image_size, head, legacy_attention)
+
+
+def build_from_spec(name: str, spec: Any, exits: bool | Sequence[int] = True, num_classes: int = 2,
+                    image_size: int = 32, head: str = "bottleneck", legacy_attention: bool = False) -> MultiExitNet:
+    """``create_model`` with the family spec already made (``model_spec``)."""
     common = ExitOptions(num_classes, image_size, exits if isinstance(exits, bool) else tuple(exits), head,
                          legacy_attention)
     model = model_entry(name).family.build(spec, common)
-    model.arch, model.spec = name, spec
+    model.arch, model.spec, model.legacy_attention = name, spec, legacy_attention
     return model
 
 
@@ -147,5 +165,5 @@ def spec_record(model: MultiExitNet) -> dict[str, Any]:
     """What a checkpoint stores about the model's structure (descriptive; the config rebuilds it)."""
     spec = model.spec
     return {"family": model_entry(model.arch).family.name, "options": dataclasses.asdict(spec),
-            "exits": list(model.exit_stages),
+            "exits": list(model.exit_stages), "legacy_attention": bool(getattr(model, "legacy_attention", False)),
             "stage_shapes": [dataclasses.astuple(s) for s in model.stage_shapes]}

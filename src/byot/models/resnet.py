@@ -1,5 +1,6 @@
 """Multi-exit ResNets (He et al. 2016; torchvision's v1.5 blocks, also its ResNeXt and wide variants): a stem,
-four stages, a shallow classifier after stages 1-3 (by default) and the backbone's own head as exit 4.
+stages of residual blocks (four, unless ``layers`` says otherwise), a shallow classifier after every stage but
+the last (by default) and the backbone's own head after the last (exit 4).
 Reads top to bottom: blocks, stems, spec, network, registry entries."""
 
 from __future__ import annotations
