@@ -145,3 +145,20 @@ def test_bad_flags_stop_byot_train_with_one_line(tmp_path, capsys, flags):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"byot: error: {flags[0]} must") and "\n" not in err
     assert not (tmp_path / ARCH).exists()  # refused before the run directory is made
+
+
+def test_the_same_model_spelled_otherwise_is_the_same_model():
+    from byot.config import build_config, check_same_model
+
+    old = build_config({}, {"width": 64, "stem": "auto"})  # what byot 0.1 wrote into every config
+    check_same_model(old, build_config({}), "ckpt")  # the family's defaults
+    check_same_model(old, build_config({}, {"exits": "3,1,2"}), "ckpt")  # the natural exits, in any order
+    check_same_model(old, build_config({}, {"exits": [1, 2, 3, 4]}), "ckpt")  # a YAML list, the deepest named
+    wrn = build_config({}, {"arch": "multi_wrn16_4_kd"})
+    check_same_model(wrn, build_config({}, {"arch": "multi_wrn16_4_kd", "model_options": {"widen": "4"}}), "ckpt")
+    with pytest.raises(ByotError, match=r"--model-option widen=2 \(checkpoint: 4\)"):
+        check_same_model(wrn, build_config({}, {"arch": "multi_wrn16_4_kd", "model_options": {"widen": 2}}), "ckpt")
+    with pytest.raises(ByotError, match=r"--exits .*\(checkpoint: \(1, 2, 3\)\)"):
+        check_same_model(old, build_config({}, {"exits": "2"}), "ckpt")
+    with pytest.raises(ByotError, match="--exits 5,1: this network has 4 stages"):
+        build_config({}, {"exits": "5,1"})  # checked when the config is built, not after the data loaded
