@@ -17,13 +17,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from byot.errors import ByotError
+
+if TYPE_CHECKING:
+    from byot.models.registry import ExitOptions
 
 
 class MultiExitOutput(NamedTuple):
@@ -91,15 +94,38 @@ def resolve_exits(exits: bool | Sequence[int], num_stages: int, natural: Sequenc
     return chosen
 
 
+def init_conv_bn(model: nn.Module) -> None:
+    """Kaiming-normal (fan-out) convolutions, BatchNorm at identity, zero biases: the torchvision ResNet init."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class MultiExitNet(nn.Module):
     """A stem, stages and heads; forward returns every exit's logits and pooled features, shallow to deep.
 
-    Subclasses (the families) build ``stem`` and ``stages`` and call ``attach_heads``.
+    Subclasses (the families) build ``stem`` and a list of stages and call ``finish``.
     """
 
     stem: nn.Module
     stages: nn.ModuleList
     heads: nn.ModuleList
+
+    def finish(self, stages: Sequence[nn.Module], common: ExitOptions,
+               init: Callable[[nn.Module], None] = init_conv_bn) -> None:
+        """Set the ``stages``, attach the heads ``common`` asks for (the exits, their kind, the classes, sized at
+        its image size), then initialise the weights with ``init``."""
+        from byot.models.exits import deepest_head, head_builder  # (exits.py builds on StageShape, below)
+
+        self.stages = nn.ModuleList(stages)
+        self.attach_heads(common.image_size, common.num_classes, resolve_exits(common.exits, len(stages)),
+                          head_builder(common.head, common.legacy_attention), deepest_head)
+        init(self)
 
     def attach_heads(self, image_size: int, num_classes: int, exits: Sequence[int], build_head: HeadBuilder,
                      deepest: Callable[[StageShape, int], nn.Module]) -> None:
@@ -177,15 +203,3 @@ class MultiExitNet(nn.Module):
         net.exit_stages = chosen
         net.stage_shapes = self.stage_shapes[: chosen[-1]]
         return net
-
-
-def init_conv_bn(model: nn.Module) -> None:
-    """Kaiming-normal (fan-out) convolutions, BatchNorm at identity, zero biases: the torchvision ResNet init."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)

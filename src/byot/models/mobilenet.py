@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from byot.errors import ByotError
-from byot.models.base import MultiExitNet, resolve_exits
-from byot.models.exits import deepest_head, head_builder
+from byot.models.base import MultiExitNet
 from byot.models.registry import ExitOptions, Family, register_model
 from byot.models.resnet import resolve_stem
 
@@ -75,10 +74,7 @@ class MultiExitMobileNetV2(MultiExitNet):
                 in_channels = out
         last = make_divisible(LAST_CHANNELS * max(1.0, spec.width_mult))
         stages[3].append(conv_bn_relu6(in_channels, last, 1))
-        self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages)
-        self.attach_heads(common.image_size, common.num_classes, resolve_exits(common.exits, 4),
-                          head_builder(common.head, common.legacy_attention), deepest_head)
-        _init_like_torchvision(self)
+        self.finish([nn.Sequential(*blocks) for blocks in stages], common, init=_init_like_torchvision)
 
 
 def _init_like_torchvision(model: nn.Module) -> None:

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from byot.errors import ByotError
-from byot.models.base import MultiExitNet, init_conv_bn, resolve_exits
-from byot.models.exits import deepest_head, head_builder
+from byot.models.base import MultiExitNet
 from byot.models.registry import ExitOptions, Family, register_model
 
 STEMS = ("auto", "cifar", "imagenet")  # the --stem choices
@@ -134,11 +133,7 @@ class MultiExitResNet(MultiExitNet):
                                     spec.width_per_group))
                 in_planes = planes * block.expansion
             stages.append(nn.Sequential(*layers))
-        self.stages = nn.ModuleList(stages)
-        exits = resolve_exits(common.exits, len(stages))
-        self.attach_heads(common.image_size, common.num_classes, exits,
-                          head_builder(common.head, common.legacy_attention), deepest_head)
-        init_conv_bn(self)
+        self.finish(stages, common)
 
 
 RESNET = Family("resnet", ResNetSpec, MultiExitResNet,

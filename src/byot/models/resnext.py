@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from byot.errors import ByotError
-from byot.models.base import MultiExitNet, init_conv_bn, resolve_exits
-from byot.models.exits import deepest_head, head_builder
+from byot.models.base import MultiExitNet
 from byot.models.registry import ExitOptions, Family, register_model
 
 
@@ -68,10 +67,7 @@ class MultiExitResNeXt(MultiExitNet):
                                            spec.cardinality, inner))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
-        self.attach_heads(common.image_size, common.num_classes, resolve_exits(common.exits, 3),
-                          head_builder(common.head, common.legacy_attention), deepest_head)
-        init_conv_bn(self)
+        self.finish(stages, common)
 
 
 RESNEXT = Family("resnext", ResNeXtSpec, MultiExitResNeXt, "ResNeXt for CIFAR (grouped 3x3 bottlenecks)")

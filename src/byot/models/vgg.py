@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from byot.errors import ByotError
-from byot.models.base import MultiExitNet, init_conv_bn, resolve_exits
-from byot.models.exits import deepest_head, head_builder
+from byot.models.base import MultiExitNet
 from byot.models.registry import ExitOptions, Family, register_model
 
 # convolutions per pooling block; the blocks have 1, 2, 4, 8, 8 x width channels
@@ -44,10 +43,7 @@ class MultiExitVGG(MultiExitNet):
                 in_channels = out
             layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))  # ceil: odd sizes keep their last row
             stages.append(nn.Sequential(*layers))
-        self.stages = nn.ModuleList(stages)
-        self.attach_heads(common.image_size, common.num_classes, resolve_exits(common.exits, len(stages)),
-                          head_builder(common.head, common.legacy_attention), deepest_head)
-        init_conv_bn(self)
+        self.finish(stages, common)
 
 
 VGG = Family("vgg", VGGSpec, MultiExitVGG, "VGG with BatchNorm, CIFAR form (global pool + one linear layer)")

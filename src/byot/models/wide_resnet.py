@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from byot.errors import ByotError
-from byot.models.base import MultiExitNet, init_conv_bn, resolve_exits
-from byot.models.exits import deepest_head, head_builder
+from byot.models.base import MultiExitNet
 from byot.models.registry import ExitOptions, Family, register_model
 
 
@@ -68,10 +67,7 @@ class MultiExitWideResNet(MultiExitNet):
             if i == 2:  # pre-activation: the last stage ends with the BN-ReLU its blocks leave out
                 blocks += [nn.BatchNorm2d(planes), nn.ReLU(inplace=True)]
             stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
-        self.attach_heads(common.image_size, common.num_classes, resolve_exits(common.exits, 3),
-                          head_builder(common.head, common.legacy_attention), deepest_head)
-        init_conv_bn(self)
+        self.finish(stages, common)
 
 
 WIDE_RESNET = Family("wide_resnet", WideResNetSpec, MultiExitWideResNet,
