@@ -29,7 +29,7 @@ class TrainConfig:
     exits: str | None = None  # stages that get a shallow exit, e.g. "1,2,3"; None: the family's natural ones
     distill: bool = True  # False (--no-distill): plain backbone, cross-entropy only: the baseline
     head: str = "bottleneck"  # shallow classifiers: "bottleneck" (ICCV 2019 paper) or "attention" (TPAMI 2021)
-    pretrained: str | None = None  # "imagenet" (torchvision's weights) or a state-dict file; exits stay fresh
+    pretrained: str | None = None  # "imagenet" (the library's own weights) or a local file; exits stay fresh
     # data
     dataset: str = "cifar100"  # cifar100 | cifar10 | imagefolder | digits
     data_dir: str | None = None  # folder holding the data set
@@ -42,10 +42,13 @@ class TrainConfig:
     # optimisation
     epochs: int = 200
     batch_size: int = 128  # images per step: the global batch, split over the processes under torchrun
-    lr: float = 0.1  # initial learning rate (SGD)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # L2 on every parameter, as the reference
+    lr: float = 0.1  # initial learning rate
+    optimizer: str = "sgd"  # "sgd" (the reference's) or "adamw" (no weight decay on norms, biases, tokens)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # SGD: L2 on every parameter, as the reference; AdamW: decoupled, weights only
+    backbone_lr_scale: float = 1.0  # the stem's and stages' learning rate relative to the heads' (fine-tuning)
     schedule: str = "step"  # "step": x0.1 at 75/130/180 of 200 epochs, scaled; "cosine"
+    warmup_epochs: int = 0  # epochs of linearly rising learning rate before the schedule starts
     accum_steps: int = 1  # batches whose gradients add up before one optimizer step (effective batch x N)
     grad_checkpoint: bool = False  # recompute each stage's activations in backward: less memory, ~30% slower
     skip_nonfinite: int = 0  # optimizer steps with a NaN/inf loss to skip before stopping (0: stop at the first)
@@ -232,6 +235,8 @@ RANGES: dict[str, Range] = {
     "lr": Range(0, low_open=True),
     "momentum": Range(0, 1, high_open=True),  # at 1 no gradient is ever forgotten and the step grows unbounded
     "weight_decay": Range(0),
+    "backbone_lr_scale": Range(0),  # 0 freezes the backbone's weights (its BatchNorm statistics still move)
+    "warmup_epochs": Range(0, 100_000),
     "accum_steps": Range(1, 1024),
     "skip_nonfinite": Range(0),
     "temperature": Range(0, low_open=True),
@@ -259,6 +264,7 @@ def check_range(name: str, value: float | None) -> None:
 # (byot.engine.train) all read it.
 CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("step", "cosine"),
+    "optimizer": ("sgd", "adamw"),
     "head": HEADS,
     "amp": ("auto", "bf16", "fp16", "off"),  # byot.engine.runtime resolves them
     "class_weights": ("none", "balanced"),
@@ -299,21 +305,22 @@ def model_identity(cfg: TrainConfig, image_size: int | None = None) -> dict[str,
     spec = model_spec(cfg.arch, family_arguments(cfg))
     identity: dict[str, Any] = {"arch": cfg.arch}
     identity.update({f"option {k}": v for k, v in dataclasses.asdict(spec).items()})
-    identity["exits"] = _exit_stages(cfg.arch, spec, parse_exits(cfg.exits)) if cfg.distill else ()
+    size = cfg.image_size or image_size or 32
+    identity["exits"] = _exit_stages(cfg.arch, spec, parse_exits(cfg.exits), size) if cfg.distill else ()
     identity.update(distill=cfg.distill, head=cfg.head if cfg.distill else None, dataset=cfg.dataset,
                     image_size=cfg.image_size or image_size)
     return identity
 
 
 @functools.lru_cache(maxsize=64)
-def _exit_stages(arch: str, spec: Any, exits: bool | tuple[int, ...]) -> tuple[int, ...]:
+def _exit_stages(arch: str, spec: Any, exits: bool | tuple[int, ...], image_size: int = 32) -> tuple[int, ...]:
     """The stages that get a shallow exit, resolved on the family's real stage count (a shapes-only build)."""
     import torch
 
     from byot.models.registry import build_from_spec
 
     with torch.device("meta"):
-        return tuple(build_from_spec(arch, spec, exits).exit_stages[:-1])
+        return tuple(build_from_spec(arch, spec, exits, image_size=image_size).exit_stages[:-1])
 
 
 def _flag(key: str, value: Any) -> str:

@@ -91,8 +91,9 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
                    help="shallow classifiers: bottleneck (default; the ICCV 2019 paper's) or attention (the TPAMI "
                         "2021 journal version's: a sigmoid attention mask, then depthwise-separable conv blocks)")
     g.add_argument("--pretrained", nargs="?", const="imagenet", metavar="PATH",
-                   help="start the backbone from torchvision's ImageNet weights (needs them cached or internet), "
-                        "or from a local torchvision ResNet state dict PATH; the exits start fresh (width 64)")
+                   help="start the backbone from a local weights file PATH (a torch state dict or .safetensors of "
+                        "the torchvision ResNet, timm/ or tv/ model), or without PATH from the library's own "
+                        "ImageNet weights (needs them cached or internet); the exits and classifier start fresh")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, help=f"images per step (default {D.batch_size}); under torchrun the "
                    "global batch, split over the processes, so a recipe means the same on 1 or N of them")
@@ -119,10 +120,19 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epoch", "--epochs", dest="epochs", type=int, help=f"epochs (default {D.epochs})")
     g.add_argument("--lr", type=float, help=f"initial learning rate (default {D.lr})")
+    g.add_argument("--optimizer", choices=_choices("optimizer"),
+                   help="sgd (default, the reference's) or adamw (decoupled weight decay, none on norms, biases "
+                        "and tokens; the usual choice for fine-tuning transformers)")
     g.add_argument("--momentum", type=float, help=f"SGD momentum (default {D.momentum})")
-    g.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default {D.weight_decay})")
+    g.add_argument("--weight-decay", type=float, help=f"weight decay (default {D.weight_decay}; SGD: L2 on every "
+                   "parameter, as the reference)")
+    g.add_argument("--backbone-lr-scale", type=float, metavar="FACTOR",
+                   help="learning rate of the stem and stages relative to the heads' (default 1; e.g. 0.1 when "
+                        "fine-tuning a pretrained backbone)")
     g.add_argument("--schedule", choices=_choices("schedule"),
                    help="step (default): lr x0.1 at 75/130/180 of 200 epochs, scaled; cosine")
+    g.add_argument("--warmup-epochs", type=int, metavar="N",
+                   help="epochs of linearly rising learning rate before the schedule (default 0)")
     g.add_argument("--class-weights", choices=_choices("class_weights"),
                    help="balanced: label terms weighted by N / (K * n_class) for imbalanced classes")
     g.add_argument("--accum-steps", type=int, help="batches per optimizer step (effective batch = N x batch)")

@@ -30,7 +30,6 @@ from byot.engine.build import (
     build_model,
     check_checkpoint_fits,
     check_single_sample_batches,
-    checkpoint_normalization,
     load_data,
     load_model_state,
 )
@@ -116,14 +115,20 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = 
     model = build_model(cfg, len(data.classes), data.image_size, checkpoint)
     if cfg.sync_bn and ctx.active:
         model = convert_sync_batchnorm(model, device)  # same keys: checkpoints stay interchangeable
+    normalization = checkpoint.get("normalization") if checkpoint else None
     if cfg.pretrained and checkpoint is None:
         source = None if cfg.pretrained == "imagenet" else cfg.pretrained
         log.info("pretrained backbone: %s", describe_load(load_pretrained(model, source)))
-    mean, std = checkpoint_normalization(checkpoint, (data.mean, data.std))
+        if getattr(model, "normalization", None):  # a library model's weights expect its own normalisation
+            normalization = [list(v) for v in model.normalization]
+            log.info("images normalised as %s's pretrained weights expect: mean %s, std %s", cfg.arch,
+                     *normalization)
+    mean, std = (tuple(normalization[0]), tuple(normalization[1])) if normalization else (data.mean, data.std)
     runtime = make_runtime(device, mean, std, cfg.amp, cfg.channels_last, model)
     model = runtime.place(model)
     check_single_sample_batches(model, data)
-    optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.optimizer,
+                                cfg.backbone_lr_scale)
     scaler = runtime.grad_scaler()
     if checkpoint is not None:
         check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
@@ -138,8 +143,7 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = 
     model.grad_checkpoint = cfg.grad_checkpoint
     skipped = checkpoint.get("nonfinite_steps", 0) if checkpoint else 0
     loss_fn = with_loss_faults(build_loss(cfg, data, device))  # the loss itself outside the fault-injection tests
-    return Session(cfg, data, model, forward, runtime, optimizer, scaler, loss_fn, skipped,
-                   ctx, checkpoint.get("normalization") if checkpoint else None)
+    return Session(cfg, data, model, forward, runtime, optimizer, scaler, loss_fn, skipped, ctx, normalization)
 
 
 
@@ -266,9 +270,9 @@ def _fit(s: Session, checkpoint: dict | None, stop_after: int | None,
 
 def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
     start = time.perf_counter()
-    lr = lr_at(epoch, s.cfg.lr, s.cfg.epochs, s.cfg.schedule)
+    lr = lr_at(epoch, s.cfg.lr, s.cfg.epochs, s.cfg.schedule, s.cfg.warmup_epochs)
     for group in s.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     s.data.train.set_epoch(epoch)
     guard = NonFiniteGuard(s.cfg.skip_nonfinite, s.cfg.lr, s.nonfinite_steps)
     stats = train_one_epoch(s.forward, s.data.train, s.optimizer, s.loss_fn, s.runtime, s.scaler,

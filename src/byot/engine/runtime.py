@@ -170,13 +170,38 @@ def make_runtime(device: torch.device, mean: tuple, std: tuple, amp: str, channe
                    resolve_amp(amp, device), channels_last)
 
 
-def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD with one fused kernel for all parameters where torch has it, else the foreach path."""
+def parameter_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float = 1.0,
+                     decay_everything: bool = True) -> list[dict]:
+    """The optimizer's parameter groups: the backbone (stem and stages, ``lr_scale`` = ``backbone_lr_scale``)
+    and the heads (scale 1); with ``decay_everything=False`` (AdamW) norms' weights, biases and tokens (every
+    parameter of fewer than 2 dimensions, and position embeddings) get no weight decay. Empty groups are left
+    out; the schedule multiplies each group's rate by its ``lr_scale``."""
+    if decay_everything and backbone_lr_scale == 1.0:  # one group, in parameter order: the checkpoints before 0.3
+        return [{"params": list(model.parameters()), "lr_scale": 1.0, "weight_decay": weight_decay}]
+    trunk = {id(p) for part in (getattr(model, "stem", None), getattr(model, "stages", None)) if part is not None
+             for p in part.parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        no_decay = not decay_everything and (p.dim() < 2 or name.endswith(("pos_embed", "pos_embedding")))
+        groups.setdefault((id(p) in trunk, no_decay), []).append(p)
+    return [{"params": params, "lr_scale": backbone_lr_scale if in_trunk else 1.0,
+             "weight_decay": 0.0 if no_decay else weight_decay}
+            for (in_trunk, no_decay), params in sorted(groups.items())]
+
+
+def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float, kind: str = "sgd",
+                    backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """SGD (L2 on every parameter, as the reference) or AdamW (decoupled decay on weights only), with one
+    fused kernel where torch has it, else the foreach path; groups as ``parameter_groups``."""
+    groups = parameter_groups(model, weight_decay, backbone_lr_scale, decay_everything=kind == "sgd")
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    make = (lambda **fast: torch.optim.SGD(groups, lr=lr, momentum=momentum, **fast)) if kind == "sgd" else (
+        lambda **fast: torch.optim.AdamW(groups, lr=lr, **fast))
     try:
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+        return make(fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               foreach=True)
+        return make(foreach=True)
 
 
 def compile_model(model: nn.Module, example: torch.Tensor, runtime: Runtime) -> nn.Module:

@@ -28,14 +28,19 @@ REFERENCE_EPOCHS = 200
 REFERENCE_MILESTONES = (75, 130, 180)  # of 200 epochs: lr x0.1 at each
 
 
-def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str) -> float:
+def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str, warmup: int = 0) -> float:
     """Learning rate for 0-based ``epoch``: a pure function of the config, so resume needs no state.
 
     "step": the reference's x0.1 at epochs 75, 130, 180 of 200, scaled to ``epochs``;
-    "cosine": half a cosine from ``base_lr`` to 0 over ``epochs``.
+    "cosine": half a cosine from ``base_lr`` to 0 over ``epochs``. ``warmup`` epochs first rise linearly
+    (base / (warmup + 1), 2 base / (warmup + 1), ...), then the schedule runs over the epochs left.
     """
     if schedule not in SCHEDULES:
         raise ByotError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if warmup:
+        if epoch < warmup:
+            return base_lr * (epoch + 1) / (warmup + 1)
+        epoch, epochs = epoch - warmup, max(1, epochs - warmup)
     if schedule == "cosine":
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     # at least epoch 1: a short run never starts below the base rate

@@ -1,6 +1,15 @@
 """Multi-exit backbones on one contract (``base.MultiExitNet``) and the registry that names them."""
 
-from byot.models import mobilenet, pyramidnet, resnet, resnext, vgg, wide_resnet  # noqa: F401  (register)
+from byot.models import (  # noqa: F401  (register)  # noqa: F401  (timm/NAME, tv/NAME; the libraries load when one is built)
+    mobilenet,
+    pyramidnet,
+    resnet,
+    resnext,
+    timm_family,
+    torchvision_family,
+    vgg,
+    wide_resnet,
+)
 from byot.models.base import MultiExitNet, MultiExitOutput, StageShape
 from byot.models.registry import create_model, family_options, list_models, model_spec, register_model
 from byot.models.resnet import MultiExitResNet, resolve_stem

@@ -38,11 +38,20 @@ class MultiExitOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class StageShape:
-    """A stage's output map for one image: (channels, height, width)."""
+    """A stage's output for one image: a (channels, height, width) map, or for a transformer's (B, N, C)
+    tokens ``layout="tokens"`` with height = N tokens and width 1."""
 
     channels: int
     height: int
     width: int
+    layout: str = "nchw"  # "nchw" or "tokens"
+
+
+def output_shape(x: torch.Tensor) -> StageShape:
+    """The StageShape of a stage's (1, C, H, W) map or (1, N, C) tokens."""
+    if x.dim() == 3:
+        return StageShape(x.shape[2], x.shape[1], 1, "tokens")
+    return StageShape(x.shape[1], x.shape[2], x.shape[3])
 
 
 class Step(NamedTuple):
@@ -67,7 +76,7 @@ def trunk_shapes(stem: nn.Module, stages: Sequence[nn.Module], image_size: int) 
             x = stem.eval()(torch.zeros(1, 3, image_size, image_size))
             for stage in stages:
                 x = stage.eval()(x)
-                shapes.append(StageShape(x.shape[1], x.shape[2], x.shape[3]))
+                shapes.append(output_shape(x))
     except RuntimeError as e:  # a map shrunk below a kernel's size
         first = str(e).strip().splitlines()[0]
         raise ByotError(f"{image_size} px images are too small for this network's stages ({first}); use a larger "
@@ -106,6 +115,39 @@ def init_conv_bn(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+class AdaptedHead(nn.Module):
+    """A shallow head whose pooled feature goes through a learned linear map to the teacher's width: the
+    logits are the head's own; the feature (which only the hint reads) is the adapted one."""
+
+    def __init__(self, head: nn.Module, width: int, teacher_width: int) -> None:
+        super().__init__()
+        self.head = head
+        self.adapt = nn.Linear(width, teacher_width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, feature = self.head(x)
+        return logits, self.adapt(feature)
+
+
+def feature_widths(model: MultiExitNet, image_size: int, stages: Sequence[int]) -> list[int]:
+    """The pooled feature width of each head (in ``model.heads`` order), from a dry forward of one image."""
+    modes = [m.training for m in model.modules()]
+    widths = []
+    try:
+        model.eval()
+        with torch.no_grad():
+            x = torch.zeros(1, 3, image_size, image_size)
+            heads = iter(model.heads)
+            for step in [Step(0, model.stem, None), *(Step(k, s, None) for k, s in enumerate(model.stages, 1))]:
+                x = step.module(x)
+                if step.number in stages:
+                    widths.append(next(heads)(x)[1].shape[-1])
+    finally:
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode
+    return widths
+
+
 class MultiExitNet(nn.Module):
     """A stem, stages and heads; forward returns every exit's logits and pooled features, shallow to deep.
 
@@ -117,26 +159,44 @@ class MultiExitNet(nn.Module):
     heads: nn.ModuleList
 
     def finish(self, stages: Sequence[nn.Module], common: ExitOptions,
-               init: Callable[[nn.Module], None] = init_conv_bn) -> None:
+               init: Callable[[nn.Module], None] | None = init_conv_bn, natural: Sequence[int] | None = None,
+               build_head: HeadBuilder | None = None, deepest: nn.Module | None = None) -> None:
         """Set the ``stages``, attach the heads ``common`` asks for (the exits, their kind, the classes, sized at
-        its image size), then initialise the weights with ``init``."""
+        its image size), then initialise the weights with ``init`` (None: keep them).
+
+        ``natural``: the family's default exit stages (default every stage but the last); ``build_head``: its
+        own shallow-head builder (default the one ``common.head`` names); ``deepest``: its own deepest head, a
+        module mapping the last stage's output to (logits, feature) (default global pool + linear)."""
         from byot.models.exits import deepest_head, head_builder  # (exits.py builds on StageShape, below)
 
         self.stages = nn.ModuleList(stages)
-        self.attach_heads(common.image_size, common.num_classes, resolve_exits(common.exits, len(stages)),
-                          head_builder(common.head, common.legacy_attention), deepest_head)
-        init(self)
+        exits = resolve_exits(common.exits, len(stages), natural)
+        self.attach_heads(common.image_size, common.num_classes, exits,
+                          build_head or head_builder(common.head, common.legacy_attention),
+                          (lambda last, k: deepest) if deepest is not None else deepest_head, init)
 
     def attach_heads(self, image_size: int, num_classes: int, exits: Sequence[int], build_head: HeadBuilder,
-                     deepest: Callable[[StageShape, int], nn.Module]) -> None:
+                     deepest: Callable[[StageShape, int], nn.Module],
+                     init: Callable[[nn.Module], None] | None = None) -> None:
         """Heads after the stages ``exits`` (built by ``build_head``) and after the last (``deepest``), sized
-        from a dry forward at ``image_size`` px."""
+        from a dry forward at ``image_size`` px; ``init`` initialises the network before any adaptation.
+
+        A shallow head whose pooled feature is narrower or wider than the deepest head's (a backbone whose own
+        head widens the last stage, a transformer whose stages differ in width) gets a learned linear
+        adaptation of its feature to the deepest's width, which the hint then compares (the journal version's
+        adaptation layers)."""
         self.stage_shapes = trunk_shapes(self.stem, self.stages, image_size)
         last = self.stage_shapes[-1]
         n = len(self.stages)
         heads = [build_head(self.stage_shapes[k - 1], last, num_classes, n - k) for k in exits]
         heads.append(deepest(last, num_classes))
         self.heads = nn.ModuleList(heads)
+        if init is not None:
+            init(self)
+        widths = feature_widths(self, image_size, [*exits, n])
+        for i, width in enumerate(widths[:-1]):
+            if width != widths[-1]:
+                self.heads[i] = AdaptedHead(self.heads[i], width, widths[-1])
         self.exit_stages = [*exits, len(self.stages)]  # the stage each head reads, shallow to deep
         self.grad_checkpoint = False  # recompute each stage's activations in backward (saves memory)
 

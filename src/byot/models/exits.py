@@ -16,6 +16,15 @@ from byot.errors import ByotError
 from byot.models.base import StageShape
 
 
+def fp32_logits(fc: nn.Linear, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) pooled feature -> (logits, feature) with the linear layer in fp32 (see ``pooled_logits``)."""
+    feature = feature.float()
+    if feature.device.type == "meta":
+        return fc(feature), feature
+    with torch.autocast(feature.device.type, enabled=False):
+        return fc(feature), feature
+
+
 def pooled_logits(fc: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, H, W) map -> (logits (B, classes), pooled feature (B, C)), both in fp32 whatever the autocast.
 
@@ -23,11 +32,7 @@ def pooled_logits(fc: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     classes become common and softmax confidences (which early exit thresholds) coarse. So the pooling
     and the linear layer run in fp32.
     """
-    feature = x.float().mean(dim=(2, 3))  # (B, C)
-    if x.device.type == "meta":  # shapes only (parameter and FLOP counts): no autocast on the meta device
-        return fc(feature), feature
-    with torch.autocast(x.device.type, enabled=False):
-        return fc(feature), feature
+    return fp32_logits(fc, x.float().mean(dim=(2, 3)))  # (B, C) pooled
 
 
 class BottleneckExit(nn.Module):
@@ -120,6 +125,43 @@ class AttentionExit(nn.Module):
         """x: (B, C_in, H, W) stage output -> (logits (B, classes), feature (B, out_channels))."""
         mask = F.interpolate(self.attention(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return pooled_logits(self.fc, self.body(torch.sigmoid(mask) * x))
+
+
+class TokenExit(nn.Module):
+    """A shallow classifier for a transformer block's (B, N, C) tokens: LayerNorm, pooling as the backbone's
+    own head pools (its class token, or the mean of the patch tokens), linear.
+
+    ``attention=True`` is the token version of the attention head: a learned score per token, softmax over
+    the tokens, and the scores' weighted mean as the pooled feature (the head learns where to look, as the
+    attention head's mask does over a map's positions).
+    """
+
+    def __init__(self, channels: int, num_classes: int, pool: str = "token", prefix_tokens: int = 1,
+                 attention: bool = False) -> None:
+        super().__init__()
+        if pool not in ("token", "avg"):
+            raise ByotError(f"token exits pool by the class token or the mean of the tokens, not {pool!r}")
+        self.pool, self.prefix_tokens = pool, prefix_tokens
+        self.norm = nn.LayerNorm(channels)
+        self.score = nn.Linear(channels, 1) if attention else None
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, N, C) tokens -> (logits (B, classes), feature (B, C))."""
+        h = self.norm(x)
+        if self.score is not None:
+            weights = torch.softmax(self.score(h).float(), dim=1)  # (B, N, 1)
+            return fp32_logits(self.fc, (weights * h.float()).sum(dim=1))
+        if self.pool == "token":
+            return fp32_logits(self.fc, h[:, 0])
+        return fp32_logits(self.fc, h[:, self.prefix_tokens:].mean(dim=1))
+
+
+def token_head_builder(head: str, pool: str, prefix_tokens: int) -> Callable[..., nn.Module]:
+    """builder(stage shape, deepest shape, num_classes, stages between) of token exits of kind ``head``."""
+    if head not in EXIT_HEADS:
+        raise ByotError(f"unknown exit head {head!r}; choose one of {', '.join(HEADS)}")
+    return lambda shape, last, k, between: TokenExit(shape.channels, k, pool, prefix_tokens, head == "attention")
 
 
 def halvings(size: int, last_size: int) -> int:

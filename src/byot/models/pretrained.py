@@ -80,6 +80,10 @@ def load_pretrained(model: MultiExitResNet, source: str | Path | None) -> dict[s
     (model tensors the file lacks), "unexpected" (file tensors with no place in the model)}, names in
     torchvision's spelling. Raises ByotError when the residual stages do not all fit.
     """
+    from byot.models.library import LibraryNet
+
+    if isinstance(model, LibraryNet):
+        return load_library_pretrained(model, source)
     arch = torchvision_arch(model)
     if model.spec.width != TORCHVISION_WIDTH:
         raise ByotError(f"pretrained ResNet weights need --width {TORCHVISION_WIDTH} (the model has width "
@@ -125,24 +129,29 @@ def _imagenet_state_dict(arch: str) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a torchvision-style state dict file ({"state_dict"/"model": ...} unwrapped,
+    """The tensors of a state dict file, torch or safetensors ({"state_dict"/"model": ...} unwrapped,
     a DataParallel "module." prefix dropped)."""
     if not path.is_file():
-        raise ByotError(f"no pretrained weights at {path}; pass --pretrained PATH of a saved ResNet "
-                        "state dict")
+        raise ByotError(f"no pretrained weights at {path}; pass --pretrained PATH of a saved state dict")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, not a torch file, or objects weights_only refuses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ByotError(f"cannot read pretrained weights {path} (not a torch state dict?): {first}") from e
+        raise ByotError(f"cannot read pretrained weights {path} (not a torch state dict or safetensors file?): "
+                        f"{first}") from e
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     items = state.items() if isinstance(state, dict) else []
     tensors = {k: v for k, v in items if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ByotError(f"{path} holds no tensors; --pretrained needs a ResNet state_dict saved with "
-                        "torch.save")
+        raise ByotError(f"{path} holds no tensors; --pretrained needs a state_dict saved with torch.save or "
+                        "safetensors")
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors
@@ -178,3 +187,83 @@ def _check_stages_fit(summary: dict[str, Any], origin: str, arch: str) -> None:
     if summary["loaded"] == 0 or bad:
         raise ByotError(f"{origin} does not fit {arch}'s residual stages (another architecture's weights?): "
                         f"{describe_load(summary)}")
+
+
+def load_library_pretrained(model: Any, source: str | Path | None) -> dict[str, Any]:
+    """Copy a timm or torchvision state dict (the library's own names) into a LibraryNet's backbone.
+
+    ``source``: None or "imagenet" for the library's own pretrained weights (timm's hub or cache,
+    torchvision's), else a local file (.safetensors or a torch state dict). The classifier and the shallow
+    exits start fresh. A ViT position embedding of another grid is resampled (bicubic). Every backbone tensor
+    must be in the file with its shape, else the file is refused before anything is copied.
+    Returns the summary ``describe_load`` prints.
+    """
+    if source is None or str(source) == IMAGENET:
+        state, origin = _library_weights(model)
+    else:
+        origin = str(Path(source).expanduser())
+        state = _read_state_dict(Path(origin))
+    own = model.state_dict()
+    wanted = {lib: key for key, lib in model.library_keys.items() if key not in model.classifier_keys}
+    matched, mismatched, unexpected = {}, [], []
+    for lib_key, tensor in state.items():
+        key = wanted.get(lib_key)
+        if key is None:
+            unexpected.append(lib_key)
+            continue
+        if tensor.shape != own[key].shape and tensor.dim() == 3 and lib_key.endswith(("pos_embed", "pos_embedding")):
+            tensor = resample_position_embedding(tensor, own[key].shape[1])
+        if tensor.shape != own[key].shape:
+            mismatched.append(f"{lib_key} {list(tensor.shape)} vs {list(own[key].shape)}")
+        else:
+            matched[key] = tensor
+    missing = [lib for lib, key in wanted.items() if lib not in state and not lib.endswith("num_batches_tracked")]
+    summary = {"source": origin, "loaded": len(matched), "shape_mismatch": mismatched, "missing": missing,
+               "unexpected": [k for k in unexpected if k not in model.library_keys.values()]}
+    if mismatched or missing or not matched:
+        raise ByotError(f"{origin} does not fit {model.arch}'s backbone (weights of another model?): "
+                        f"{describe_load(summary)}")
+    model.load_state_dict(matched, strict=False)
+    logger.debug(describe_load(summary))
+    return summary
+
+
+def _library_weights(model: Any) -> tuple[dict[str, torch.Tensor], str]:
+    prefix, name = model.arch.split("/", 1)
+    library = "timm" if prefix == "timm" else "torchvision"
+    try:
+        if library == "timm":
+            import timm
+
+            state = timm.create_model(name, pretrained=True).state_dict()
+            return state, f"timm {name} pretrained"
+        import torchvision
+
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        return weights.get_state_dict(progress=False, check_hash=True), f"torchvision {name} {weights.name}"
+    except Exception as e:  # no network, no cache, no pretrained weights for that name
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        save = (f"timm.create_model('{name}', pretrained=True)" if library == "timm"
+                else f"torchvision.models.get_model('{name}', weights='DEFAULT')")
+        raise ByotError(f"cannot get {library}'s pretrained weights for {name} ({first[:200]}); pass --pretrained "
+                        f"PATH of a local file, saved on a machine with internet by: python -c \"import torch, "
+                        f"{library}; torch.save({save}.state_dict(), '{name}.pth')\"") from e
+
+
+def resample_position_embedding(pos: torch.Tensor, tokens: int) -> torch.Tensor:
+    """A ViT's (1, N, C) position embedding (prefix tokens, then a square grid) for ``tokens`` positions:
+    the grid resized bicubically, the prefix tokens kept."""
+    import math
+
+    import torch.nn.functional as F
+
+    n, channels = pos.shape[1], pos.shape[2]
+    old = math.isqrt(n)
+    prefix = n - old * old
+    new = math.isqrt(tokens - prefix)
+    if new * new != tokens - prefix or old < 1:
+        return pos
+    grid = pos[:, prefix:].reshape(1, old, old, channels).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, channels).to(pos.dtype)
+    return torch.cat([pos[:, :prefix], grid], dim=1)

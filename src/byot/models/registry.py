@@ -9,6 +9,7 @@ one-line errors) and builds the network on the multi-exit contract (``byot.model
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -51,6 +52,8 @@ class ModelEntry:
 
 
 _MODELS: dict[str, ModelEntry] = {}
+# "timm/" -> (family, the spec option the rest of the name fills): names built on demand, e.g. timm/convnext_tiny
+_PREFIXES: dict[str, tuple[Family, str]] = {}
 
 
 def register_model(name: str, family: Family, **fixed: Any) -> None:
@@ -63,15 +66,33 @@ def register_model(name: str, family: Family, **fixed: Any) -> None:
     _MODELS[name] = ModelEntry(name, family, dict(fixed))
 
 
+def register_prefix(prefix: str, family: Family, option: str) -> None:
+    """Names ``prefix + NAME`` are ``family`` with its option ``option`` set to NAME (``timm/convnext_tiny``)."""
+    if option not in {f.name for f in fields(family.spec)}:
+        raise ValueError(f"{family.name} has no option {option}")
+    _PREFIXES[prefix] = (family, option)
+
+
 def list_models() -> list[str]:
-    """Names of every registered architecture, sorted."""
+    """Names of every registered architecture, sorted (the library prefixes, ``timm/NAME`` and ``tv/NAME``,
+    are listed by ``list_prefixes``)."""
     return sorted(_MODELS)
 
 
+def list_prefixes() -> list[str]:
+    return sorted(_PREFIXES)
+
+
 def model_entry(name: str) -> ModelEntry:
-    if name not in _MODELS:
-        raise ByotError(f"unknown arch {name!r}; known: {', '.join(list_models())}")
-    return _MODELS[name]
+    if name in _MODELS:
+        return _MODELS[name]
+    for prefix, (family, option) in _PREFIXES.items():
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return ModelEntry(name, family, {option: name[len(prefix):]})
+    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ByotError(f"unknown arch {name!r}; {hint}byot's own: {', '.join(list_models())}; or any "
+                    f"{' / '.join(p + 'NAME' for p in list_prefixes())} (timm's or torchvision's models)")
 
 
 def family_options(name: str) -> list[str]:
