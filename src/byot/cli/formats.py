@@ -26,6 +26,10 @@ def format_bench(r: dict) -> str:
     for e in r["exits"]:
         lines.append(f"{e['exit']:<6}{e['infer_images_per_s']:>13.1f}{e['flops'] / 1e6:>10.1f}"
                      f"{e['flops'] / full * 100:>8.0f}%")
+    if "library_check" in r:
+        c = r["library_check"]
+        lines.append(f"plain backbone, inference: the library's forward {c['library_images_per_s']:.1f} images/s, "
+                     f"byot's staged forward {c['staged_images_per_s']:.1f} ({c['staged_over_library']:.3f}x)")
     return "\n".join(lines)
 
 

@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=128)
     bench.add_argument("--image-size", type=int, default=32, help="px (default 32)")
     bench.add_argument("--width", type=int, help="base channels (default: the family's)")
+    bench.add_argument("--model-option", dest="model_options", type=_model_option, action="append", default=[],
+                       metavar="KEY=VALUE", help="an option of the model's family (as byot train's)")
     bench.add_argument("--head", choices=_choices("head"), default=D.head, help="shallow classifiers")
     bench.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")

@@ -25,6 +25,7 @@ from byot.engine.train import train_step
 from byot.errors import ByotError
 from byot.losses import SelfDistillLoss
 from byot.models import MultiExitNet, create_model
+from byot.models.library import LibraryNet
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class BenchSpec:
     width: int | None = None  # the family's base channels; None: its default
     num_classes: int = 100
     head: str = "bottleneck"  # shallow classifiers
+    model_options: tuple = ()  # the family's other options, (key, value) pairs
+    rounds: int = 3  # library models: alternating timed rounds of the library's forward and byot's
 
 
 def _sync(device: torch.device) -> None:
@@ -110,7 +113,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         raise ByotError("--device cuda asked for, but torch sees no CUDA GPU here")
     mean, std = NORMALIZATION["cifar100"]
     torch.manual_seed(0)
-    options = {} if spec.width is None else {"width": spec.width}
+    options = {**dict(spec.model_options), **({} if spec.width is None else {"width": spec.width})}
     model = create_model(spec.arch, spec.num_classes, spec.image_size, head=spec.head, **options)
     runtime = make_runtime(device, mean, std, spec.amp, spec.channels_last, model)
     model = runtime.place(model)
@@ -122,10 +125,43 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     train_ips = _time_training(model, forward, spec, runtime)
     exits = [{"exit": c["exit"], "infer_images_per_s": _time_inference(forward, model, spec, runtime, c["exit"]),
               "flops": c["flops"]} for c in costs]
-    return {"arch": spec.arch, "device": str(device), "batch_size": spec.batch_size, "image_size": spec.image_size,
+    library = _library_check(spec, options, runtime) if isinstance(model, LibraryNet) else None
+    return {**({"library_check": library} if library else {}),"arch": spec.arch, "device": str(device), "batch_size": spec.batch_size, "image_size": spec.image_size,
             "amp": runtime.amp, "channels_last": runtime.channels_last, "compile": spec.compile,
             "train_images_per_s": train_ips, "peak_memory_mb": _peak_memory_mb(device), "exits": exits,
-            "width": getattr(model.spec, "width", spec.width), "head": spec.head, "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "width": getattr(model.spec, "width", spec.width), "head": spec.head, "model_options": dict(spec.model_options),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+@torch.inference_mode()
+def _library_check(spec: BenchSpec, options: dict, runtime: Runtime) -> dict[str, float]:
+    """Inference img/s of the library model's own forward and of byot's staged forward of the same plain
+    backbone (the same modules, weights, batch and runtime), in alternating rounds: what the split costs."""
+    torch.manual_seed(0)
+    plain = runtime.place(create_model(spec.arch, spec.num_classes, spec.image_size, exits=False, **options)).eval()
+    owner = plain.__dict__["_library_model"].eval()
+    images = torch.randint(0, 256, (spec.batch_size, 3, spec.image_size, spec.image_size), dtype=torch.uint8,
+                           device=runtime.device)
+    steps = max(spec.steps, 3)
+
+    def rate(forward: Any) -> float:
+        for _ in range(spec.warmup):
+            with runtime.autocast():
+                forward(runtime.inputs(images))
+        _sync(runtime.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            with runtime.autocast():
+                forward(runtime.inputs(images))
+        _sync(runtime.device)
+        return steps * spec.batch_size / (time.perf_counter() - start)
+
+    library, staged = [], []
+    for _ in range(spec.rounds):
+        library.append(rate(owner))
+        staged.append(rate(plain))
+    lib, own = sorted(library)[len(library) // 2], sorted(staged)[len(staged) // 2]
+    return {"library_images_per_s": lib, "staged_images_per_s": own, "staged_over_library": own / lib}
 
 
 VARIANTS = [  # (name, amp, channels_last, compile): each adds one thing to the row before
@@ -143,7 +179,8 @@ def run_variants(spec: BenchSpec) -> list[dict[str, Any]]:
         args = [sys.executable, "-m", "byot", "bench", spec.arch, "--device", spec.device, "--batch-size",
                 str(spec.batch_size), "--image-size", str(spec.image_size), "--steps", str(spec.steps),
                 "--warmup", str(spec.warmup), "--head", spec.head, "--amp", amp, "--json",
-                *(["--width", str(spec.width)] if spec.width is not None else [])]
+                *(["--width", str(spec.width)] if spec.width is not None else []),
+                *[a for k, v in spec.model_options for a in ("--model-option", f"{k}={v}")]]
         args += ([] if channels_last else ["--no-channels-last"]) + (["--compile"] if compiled else [])
         proc = subprocess.run(args, capture_output=True, text=True, check=False)
         if proc.returncode != 0:

@@ -150,6 +150,7 @@ class LibraryNet(MultiExitNet):
         self.finish(split.stages, common, init=_init_shallow_heads, natural=split.natural, build_head=builder,
                     deepest=split.head)
         self.normalization = normalization
+        adopt(owner, self)  # the library's own model over the same modules (byot bench compares the two)
         self.library_keys = library_keys(owner, self)
         classifier = {id(t) for t in split.head.classifier.state_dict(keep_vars=True).values()}
         self.classifier_keys = {k for k, t in self.state_dict(keep_vars=True).items() if id(t) in classifier}
