@@ -225,3 +225,17 @@ def test_fine_tune_a_timm_convnext_from_a_local_file_then_deploy_exit_2(cifar10_
                          capture_output=True, text=True, timeout=300, check=True).stdout
     answer = json.loads(out)[0]
     assert answer["exit"] == 2 and answer["class"] in {p.name for p in (cifar10_jpg / "train").iterdir()}
+
+
+@pytest.mark.parametrize("name, gmacs", [("timm/convnext_tiny", 4.5), ("timm/vit_small_patch16_224", 4.6)])
+def test_flops_per_exit_at_224_px_match_the_published_cost(name, gmacs):
+    from byot.engine.cost import exit_costs
+
+    with torch.device("meta"):  # shapes only: counted in a second
+        model = create_model(name, 1000, 224)
+    costs = exit_costs(model, 224)
+    flops = [c["flops"] for c in costs]
+    assert flops == sorted(flops) and len(flops) == 4
+    # the deepest exit is the plain model (stem, stages, its own head): timm's model cards give its
+    # multiply-adds to one decimal
+    assert abs(flops[-1] / 2e9 - gmacs) <= 0.06

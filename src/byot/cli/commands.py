@@ -264,6 +264,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     check_range("image_size", args.image_size)
     if args.num_classes < 1:
         raise ByotError("--num-classes must be at least 1")
-    rows = model_rows(args.num_classes, args.image_size, args.head)
+    rows = model_rows(args.num_classes, args.image_size, args.head, args.names or None)
     print(json.dumps(rows) if args.json else format_models(rows, markdown=args.markdown))
     return 0

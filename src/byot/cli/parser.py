@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "multi-exit networks with self-distillation.")
     parser.add_argument("--version", action="version", version=f"byot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    arch_help = f"architecture: {', '.join(list_models())}"
+    arch_help = f"architecture: {', '.join(list_models())}; or timm/NAME (any timm model) or tv/NAME (torchvision)"
     train = sub.add_parser("train", help="train a network", argument_default=argparse.SUPPRESS)
     train.add_argument("arch", help=arch_help)
     _add_model_and_data(train)
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object (a list with --variants)")
     _add_deployment(sub, arch_help)
     models = sub.add_parser("models", help="every registered model: family options, parameters, FLOPs per exit")
+    models.add_argument("names", nargs="*", metavar="ARCH",
+                        help="only these (also timm/NAME, tv/NAME); default every registered model")
     models.add_argument("--num-classes", type=int, default=100, help="classes of the heads (default 100)")
     models.add_argument("--image-size", type=int, default=32, help="px (default 32)")
     models.add_argument("--head", choices=_choices("head"), default=D.head, help="shallow classifiers")

@@ -14,7 +14,7 @@ from byot.models.registry import create_model, list_models, model_entry
 
 def model_rows(num_classes: int = 100, image_size: int = 32, head: str = "bottleneck",
                names: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per registered name: family, options, plain-backbone and multi-exit parameters, exits and
+    """One row per registered name (or per name of ``names``, library models too): family, options, plain-backbone and multi-exit parameters, exits and
     FLOPs (2 x multiply-adds) per exit for one image of ``image_size`` px."""
     rows = []
     for name in names or list_models():
