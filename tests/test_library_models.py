@@ -17,6 +17,7 @@ from byot.cli import main
 from byot.config import build_config
 from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.policy import ExitPolicy, simulate
+from byot.deploy.run import export_checkpoint
 from byot.engine.build import build_trained, load_data
 from byot.engine.checkpoint import load_checkpoint
 from byot.engine.evaluate import collect_logits
@@ -195,6 +196,10 @@ def test_a_vit_run_resumes_exactly_and_its_cascade_is_the_policy(cifar10_jpg, tm
     answers = [EarlyExitNet(model, policy)(runtime.inputs(images)) for images, _ in data.test]
     assert torch.equal(torch.cat([x.predicted for x in answers]), simulated.predicted)
     assert len(set(torch.cat([x.exit for x in answers]).tolist())) > 1
+    # exit 6 alone (the stem, blocks 1-6 and its token exit) as ONNX, checked under onnxruntime
+    pytest.importorskip("onnxruntime")
+    result = export_checkpoint(cfg, b, "6", "onnx", tmp_path / "vit_exit6.onnx")
+    assert result["exits"] == [6] and result["max_abs_diff"] < 1e-4
 
 
 def test_fine_tune_a_timm_convnext_from_a_local_file_then_deploy_exit_2(cifar10_jpg, tmp_path, capsys):
@@ -239,3 +244,23 @@ def test_flops_per_exit_at_224_px_match_the_published_cost(name, gmacs):
     # the deepest exit is the plain model (stem, stages, its own head): timm's model cards give its
     # multiply-adds to one decimal
     assert abs(flops[-1] / 2e9 - gmacs) <= 0.06
+
+
+def test_the_librarys_own_weights_without_a_network_are_one_line(tmp_path, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # empty caches: nothing to fall back on
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    for name, library in (("timm/resnet18", "timm"), ("tv/resnet18", "torchvision")):
+        net = create_model(name, 5, 32)
+        with pytest.raises(ByotError, match=f"cannot get {library}'s pretrained weights for resnet18 .*"
+                                            "pass --pretrained PATH") as error:
+            load_pretrained(net, None)
+        assert "\n" not in str(error.value)

@@ -9,8 +9,10 @@ no ImageNet counterpart and keep their initialisation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +237,8 @@ def _library_weights(model: Any) -> tuple[dict[str, torch.Tensor], str]:
         if library == "timm":
             import timm
 
-            state = timm.create_model(name, pretrained=True).state_dict()
+            with _hub_offline_unless_reachable():
+                state = timm.create_model(name, pretrained=True).state_dict()
             return state, f"timm {name} pretrained"
         import torchvision
 
@@ -248,6 +251,28 @@ def _library_weights(model: Any) -> tuple[dict[str, torch.Tensor], str]:
         raise ByotError(f"cannot get {library}'s pretrained weights for {name} ({first[:200]}); pass --pretrained "
                         f"PATH of a local file, saved on a machine with internet by: python -c \"import torch, "
                         f"{library}; torch.save({save}.state_dict(), '{name}.pth')\"") from e
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(host: str = "huggingface.co") -> Iterator[None]:
+    """The Hugging Face hub in offline mode (its cache only) when ``host`` does not resolve: without a network
+    its client would otherwise retry for a minute before failing."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, 443)
+        yield
+        return
+    except OSError:
+        pass
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
 
 
 def resample_position_embedding(pos: torch.Tensor, tokens: int) -> torch.Tensor:
