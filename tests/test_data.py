@@ -12,7 +12,7 @@ from PIL import Image
 from byot.data import batch_bounds, build_data
 from byot.data.batches import TensorBatches
 from byot.data.cifar import load_cifar
-from byot.data.digits import load_digits
+from byot.data.digits import digits_arrays, load_digits
 from byot.data.folder import FolderBatches, index_folder, to_rgb
 from byot.data.images import ImageSet
 from byot.data.transforms import normalize, random_crop_flip
@@ -119,6 +119,15 @@ def test_cifar_reader_refuses_code_in_pickles(tmp_path):
 def test_missing_cifar_folder_names_the_fix(tmp_path):
     with pytest.raises(ByotError, match="cifar-100-python/train"):
         load_cifar(tmp_path, "cifar100")
+
+
+def test_digits_are_scikit_learns_own():
+    # read from scikit-learn's file without importing sklearn.datasets (2 s per process): the same arrays
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    images, labels = digits_arrays()
+    bunch = sk_load_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
 
 
 def test_digits_split_is_stratified():
