@@ -63,7 +63,7 @@ def open_containers(model: nn.Module, names: Sequence[str], boundaries: Sequence
 
     def add(name: str, module: nn.Module) -> None:
         if any(b.startswith(name + ".") for b in boundaries):
-            if type(module) is not nn.Sequential and not isinstance(module, nn.Sequential):
+            if not isinstance(module, nn.Sequential):
                 raise ByotError(f"{name} holds a stage boundary but is not a chain of modules")
             for child_name, child in module.named_children():
                 add(f"{name}.{child_name}", child)
