@@ -136,8 +136,12 @@ def test_bad_names_and_sizes_are_one_line(monkeypatch):
         create_model("timm/vit_tiny_patch16_224", 5, 40)
     with pytest.raises(ByotError, match="channels-last backbones such as Swin"):
         create_model("timm/swin_tiny_patch4_window7_224", 5, 64)
-    with pytest.raises(ByotError, match="not of timm/resnet18|not of resnet18"):
+    with pytest.raises(ByotError, match="not of resnet18"):
         create_model("timm/resnet18", 5, 32, patch_size=8)
+    with pytest.raises(ByotError, match="the name says the model"):
+        create_model("timm/resnet18", 5, 32, model="resnet50")
+    with pytest.raises(ByotError, match="takes no option width; its options: model, drop_path_rate, patch_size"):
+        create_model("timm/resnet18", 5, 32, width=16)
     real_import = builtins.__import__
 
     def no_timm(name, *args, **kwargs):

@@ -110,6 +110,9 @@ def model_spec(name: str, options: dict[str, Any] | None = None) -> Any:
     hints = typing.get_type_hints(entry.family.spec)  # real types, whether or not the annotations are strings
     kinds = {f.name: _kind(hints[f.name]) for f in fields(entry.family.spec)}
     given = dict(options or {})
+    named = [option for prefix, (_, option) in _PREFIXES.items() if name.startswith(prefix) and option in given]
+    if named:
+        raise ByotError(f"{name}: the name says the {named[0]}; leave --model-option {named[0]}=... out")
     unknown = sorted(set(given) - set(kinds))
     if unknown:
         raise ByotError(f"{name} ({entry.family.name}) takes no option {', '.join(unknown)}; its options: "
