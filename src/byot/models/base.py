@@ -38,19 +38,22 @@ class MultiExitOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class StageShape:
-    """A stage's output for one image: a (channels, height, width) map, or for a transformer's (B, N, C)
-    tokens ``layout="tokens"`` with height = N tokens and width 1."""
+    """A stage's output for one image: a (channels, height, width) map (``layout="nhwc"`` where the stage
+    hands it on channels-last, as Swin's do), or for a transformer's (B, N, C) tokens ``layout="tokens"``
+    with height = N tokens and width 1."""
 
     channels: int
     height: int
     width: int
-    layout: str = "nchw"  # "nchw" or "tokens"
+    layout: str = "nchw"  # "nchw", "nhwc" or "tokens"
 
 
-def output_shape(x: torch.Tensor) -> StageShape:
-    """The StageShape of a stage's (1, C, H, W) map or (1, N, C) tokens."""
+def output_shape(x: torch.Tensor, layout: str = "nchw") -> StageShape:
+    """The StageShape of a stage's (1, C, H, W) map, (1, H, W, C) map (``layout="nhwc"``) or (1, N, C) tokens."""
     if x.dim() == 3:
         return StageShape(x.shape[2], x.shape[1], 1, "tokens")
+    if layout == "nhwc":
+        return StageShape(x.shape[3], x.shape[1], x.shape[2], "nhwc")
     return StageShape(x.shape[1], x.shape[2], x.shape[3])
 
 
@@ -67,8 +70,10 @@ class Step(NamedTuple):
 HeadBuilder = Callable[[StageShape, StageShape, int, int], nn.Module]
 
 
-def trunk_shapes(stem: nn.Module, stages: Sequence[nn.Module], image_size: int) -> list[StageShape]:
-    """Each stage's output shape for one (1, 3, S, S) image, from a dry forward (eval mode, no grad)."""
+def trunk_shapes(stem: nn.Module, stages: Sequence[nn.Module], image_size: int,
+                 layout: str = "nchw") -> list[StageShape]:
+    """Each stage's output shape for one (1, 3, S, S) image, from a dry forward (eval mode, no grad); ``layout``
+    says how a stage's 4-d output is laid out ("nchw" or "nhwc")."""
     modes = [m.training for m in (stem, *stages)]
     shapes = []
     try:
@@ -76,7 +81,7 @@ def trunk_shapes(stem: nn.Module, stages: Sequence[nn.Module], image_size: int) 
             x = stem.eval()(torch.zeros(1, 3, image_size, image_size))
             for stage in stages:
                 x = stage.eval()(x)
-                shapes.append(output_shape(x))
+                shapes.append(output_shape(x, layout))
     except RuntimeError as e:  # a map shrunk below a kernel's size
         first = str(e).strip().splitlines()[0]
         raise ByotError(f"{image_size} px images are too small for this network's stages ({first}); use a larger "
@@ -157,6 +162,7 @@ class MultiExitNet(nn.Module):
     stem: nn.Module
     stages: nn.ModuleList
     heads: nn.ModuleList
+    stage_layout = "nchw"  # how the stages hand on their 4-d maps: "nchw", or "nhwc" (Swin)
 
     def finish(self, stages: Sequence[nn.Module], common: ExitOptions,
                init: Callable[[nn.Module], None] | None = init_conv_bn, natural: Sequence[int] | None = None,
@@ -185,7 +191,7 @@ class MultiExitNet(nn.Module):
         head widens the last stage, a transformer whose stages differ in width) gets a learned linear
         adaptation of its feature to the deepest's width, which the hint then compares (the journal version's
         adaptation layers)."""
-        self.stage_shapes = trunk_shapes(self.stem, self.stages, image_size)
+        self.stage_shapes = trunk_shapes(self.stem, self.stages, image_size, self.stage_layout)
         last = self.stage_shapes[-1]
         n = len(self.stages)
         heads = [build_head(self.stage_shapes[k - 1], last, num_classes, n - k) for k in exits]

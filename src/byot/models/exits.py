@@ -200,13 +200,34 @@ EXIT_HEADS: dict[str, Callable[..., nn.Module]] = {
 HEADS = tuple(EXIT_HEADS)  # the --head choices
 
 
+class ChannelsFirst(nn.Module):
+    """A map head for a stage that hands on (B, H, W, C) maps: the map permuted to (B, C, H, W) first."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(x.permute(0, 3, 1, 2))
+
+
 def head_builder(head: str, legacy_attention: bool = False) -> Callable[..., nn.Module]:
-    """builder(stage shape, deepest shape, num_classes, stages between) of the shallow classifier ``head``."""
+    """builder(stage shape, deepest shape, num_classes, stages between) of the shallow classifier ``head``;
+    a stage of channels-last maps gets the head behind a permute (``ChannelsFirst``)."""
     if head not in EXIT_HEADS:
         raise ByotError(f"unknown exit head {head!r}; choose one of {', '.join(HEADS)}")
     if head == "attention":
-        return lambda shape, last, k, between: attention_head(shape, last, k, between, legacy_attention)
-    return EXIT_HEADS[head]
+        build = lambda shape, last, k, between: attention_head(shape, last, k, between, legacy_attention)  # noqa: E731
+    else:
+        build = EXIT_HEADS[head]
+
+    def build_any(shape: StageShape, last: StageShape, k: int, between: int) -> nn.Module:
+        if shape.layout == "nhwc":
+            first = StageShape(shape.channels, shape.height, shape.width)
+            return ChannelsFirst(build(first, StageShape(last.channels, last.height, last.width), k, between))
+        return build(shape, last, k, between)
+
+    return build_any
 
 
 def deepest_head(last: StageShape, num_classes: int) -> nn.Module:

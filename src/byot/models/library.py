@@ -29,7 +29,7 @@ class Split:
     stages: list[nn.Module]
     head: nn.Module  # last stage's output -> (logits, pooled feature)
     natural: list[int] | None = None  # default exit stages; None: every stage but the last
-    layout: str = "nchw"  # "tokens" for a transformer's (B, N, C) stages
+    layout: str = "nchw"  # "nhwc" for channels-last maps (Swin), "tokens" for a transformer's (B, N, C) stages
 
 
 class Chain(nn.Sequential):
@@ -146,6 +146,7 @@ class LibraryNet(MultiExitNet):
         from byot.models.exits import token_head_builder
 
         self.stem = split.stem
+        self.stage_layout = "nhwc" if split.layout == "nhwc" else "nchw"
         builder = token_head_builder(common.head, pool, prefix_tokens) if split.layout == "tokens" else None
         self.finish(split.stages, common, init=_init_shallow_heads, natural=split.natural, build_head=builder,
                     deepest=split.head)

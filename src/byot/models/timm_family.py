@@ -8,8 +8,9 @@
   class token and position embedding is the stem, every block a stage (exits numbered by block, by default
   after each quarter of the depth: 3, 6, 9 for 12 blocks), token exits pool as the model's head does.
 
-Models whose stage outputs are channels-last (Swin) or whose forward is not a chain of their modules are
-refused with one line.
+- Swin: its stages hand on channels-last (B, H, W, C) maps; the shallow exits read them through a permute.
+
+Models whose forward is not a chain of their modules are refused with one line.
 """
 
 from __future__ import annotations
@@ -163,16 +164,22 @@ def split_cnn(model: nn.Module, name: str, image_size: int) -> Split:
         for hook in hooks:
             hook.remove()
         model.train()
+    layouts = set()
     for f in info:
         shape = outputs.get(f["module"])
-        if shape is None or len(shape) != 4 or shape[1] != f["num_chs"]:
-            raise ByotError(f"{name}'s stages do not give (B, C, H, W) maps ({f['module']}: {tuple(shape or ())}, "
-                            f"{f['num_chs']} channels expected); channels-last backbones such as Swin are not "
-                            "supported yet")
+        if shape is not None and len(shape) == 4 and shape[1] == f["num_chs"]:
+            layouts.add("nchw")
+        elif shape is not None and len(shape) == 4 and shape[3] == f["num_chs"]:
+            layouts.add("nhwc")  # Swin's stages hand on channels-last maps
+        else:
+            raise ByotError(f"{name}'s stages do not give (B, C, H, W) or (B, H, W, C) maps ({f['module']}: "
+                            f"{tuple(shape or ())}, {f['num_chs']} channels expected)")
+    if len(layouts) > 1:
+        raise ByotError(f"{name}'s stages mix channels-first and channels-last maps; byot cannot place exits on it")
     units = open_containers(model, order, ends)
     stem, stages = cut_at(units, ends)
     head = TimmHead(model, [n for n, _ in model.named_children() if n not in order])
-    return Split(stem, stages, head)
+    return Split(stem, stages, head, layout=layouts.pop())
 
 
 def build_timm_model(spec: TimmSpec, common: ExitOptions) -> nn.Module:
