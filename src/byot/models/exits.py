@@ -217,7 +217,7 @@ def head_builder(head: str, legacy_attention: bool = False) -> Callable[..., nn.
     if head not in EXIT_HEADS:
         raise ByotError(f"unknown exit head {head!r}; choose one of {', '.join(HEADS)}")
     if head == "attention":
-        build = lambda shape, last, k, between: attention_head(shape, last, k, between, legacy_attention)  # noqa: E731
+        build = lambda shape, last, k, between: attention_head(shape, last, k, between, legacy_attention)
     else:
         build = EXIT_HEADS[head]
 
