@@ -92,6 +92,9 @@ class TimmHead(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         owner = self.__dict__["_library_model"]
         owner.training = self.training  # timm heads read their model's flag (dropout before the classifier)
+        for name, part in self.parts.items():  # a module swapped in byot's net (SyncBatchNorm) is the one used
+            if owner._modules.get(name) is not part:
+                owner._modules[name] = part
         feature = owner.forward_head(x, pre_logits=True).float()  # (B, C)
         classifier = owner.get_classifier()
         if feature.device.type == "meta":
