@@ -124,6 +124,10 @@ def test_pretrained_files_load_into_the_backbone_and_others_are_refused(tmp_path
     assert torch.equal(vit.stages[4][0].attn.qkv.weight, vit224.blocks[4].attn.qkv.weight)
     assert torch.equal(vit.stem.pos_embed[:, 0], vit224.pos_embed[:, 0])  # the class token's entry kept
     assert vit.stem.pos_embed.shape == (1, 1 + 16, 192)
+    # Swin's relative position tables for another window grid: through timm's own checkpoint filter
+    torch.save(timm.create_model("swin_tiny_patch4_window7_224").state_dict(), tmp_path / "swin.pth")
+    assert load_pretrained(create_model("timm/swin_tiny_patch4_window7_224", 5, 32), tmp_path / "swin.pth")[
+        "shape_mismatch"] == []
     # torchvision's own file layout
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "tv.pth")
     tv = create_model("tv/resnet18", 5, 32)
@@ -167,9 +171,18 @@ def test_adamw_groups_and_the_warmup():
     for group in optimizer.param_groups:
         in_trunk = all(names[id(p)].startswith(("stem.", "stages.")) for p in group["params"])
         assert group["lr"] == pytest.approx(1e-4 if in_trunk else 1e-3)
-        flat = all(p.dim() < 2 or names[id(p)].endswith("pos_embed") for p in group["params"])
+        flat = all(p.dim() < 2 or names[id(p)].endswith(("pos_embed", "cls_token")) for p in group["params"])
         assert group["weight_decay"] == (0.0 if flat else 0.05)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(net.parameters()))
+    tokens = [g["weight_decay"] for g in optimizer.param_groups for p in g["params"]
+              if names[id(p)] in ("stem.cls_token", "stem.pos_embed")]
+    assert tokens == [0.0, 0.0]  # (1, 1, C) and (1, N, C): not norms or biases, but never decayed either
+    # a library head's pretrained layers besides the classifier are backbone: timm's MobileNetV3 conv_head
+    mobile = create_model("timm/mobilenetv3_small_050", 5, 32)
+    groups = build_optimizer(mobile, 1e-3, 0.9, 0.05, "adamw", backbone_lr_scale=0.1).param_groups
+    names = {id(p): n for n, p in mobile.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale["heads.3.parts.conv_head.weight"] == 0.1 and scale["heads.3.parts.classifier.weight"] == 1.0
     # SGD at scale 1 keeps the one group older checkpoints' optimizer states have
     assert len(build_optimizer(net, 0.1, 0.9, 5e-4).param_groups) == 1
     # 2 warm-up epochs rise to the base rate, then the cosine runs over the 8 epochs left
@@ -273,3 +286,25 @@ def test_the_librarys_own_weights_without_a_network_are_one_line(tmp_path, monke
                                             "pass --pretrained PATH") as error:
             load_pretrained(net, None)
         assert "\n" not in str(error.value)
+
+
+def test_a_wrong_split_is_refused_even_where_the_logits_are_tiny():
+    from torch import nn
+
+    from byot.models.library import check_split
+    from byot.models.torchvision_family import split_cnn
+
+    # torchvision's MNASNet starts with logits of about 1e-8: an absolute tolerance would pass anything
+    own = torchvision.models.mnasnet0_5(weights=None, num_classes=5)
+    split = split_cnn(own, "tv/mnasnet0_5", 32)
+    check_split("tv/mnasnet0_5", split, own, 32)  # the real split passes
+    split.stages[0] = nn.Sequential(split.stages[0], nn.ReLU())  # one change inside the trunk
+    with pytest.raises(ByotError, match="cannot split it into stages"):
+        check_split("tv/mnasnet0_5", split, own, 32)
+
+
+def test_swin_at_384_px_keeps_its_channels_last_layout():
+    # at 384 px Swin's first stage is 96 x 96 x 96: the layout comes from timm, not from the shape
+    with torch.device("meta"):
+        net = create_model("timm/swin_tiny_patch4_window7_224", 5, 384)
+    assert [s.layout for s in net.stage_shapes] == ["nhwc"] * 4 and net.stage_shapes[0].channels == 96

@@ -170,19 +170,29 @@ def make_runtime(device: torch.device, mean: tuple, std: tuple, amp: str, channe
                    resolve_amp(amp, device), channels_last)
 
 
+# tensors AdamW leaves undecayed besides norms and biases: tokens, position embeddings and tables
+NO_DECAY_NAMES = ("pos_embed", "pos_embedding", "cls_token", "class_token", "reg_token", "dist_token",
+                  "relative_position_bias_table", "absolute_pos_embed")
+
+
 def parameter_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float = 1.0,
                      decay_everything: bool = True) -> list[dict]:
     """The optimizer's parameter groups: the backbone (stem and stages, ``lr_scale`` = ``backbone_lr_scale``)
-    and the heads (scale 1); with ``decay_everything=False`` (AdamW) norms' weights, biases and tokens (every
-    parameter of fewer than 2 dimensions, and position embeddings) get no weight decay. Empty groups are left
-    out; the schedule multiplies each group's rate by its ``lr_scale``."""
+    and the heads (scale 1); with ``decay_everything=False`` (AdamW) norms' weights, biases, tokens and
+    position embeddings (every parameter of fewer than 2 dimensions, and ``NO_DECAY_NAMES``) get no weight
+    decay. Empty groups are left out; the schedule multiplies each group's rate by its ``lr_scale``. A library
+    model's pretrained layers in its own head (all but its classifier) count as backbone."""
     if decay_everything and backbone_lr_scale == 1.0:  # one group, in parameter order: the checkpoints before 0.3
         return [{"params": list(model.parameters()), "lr_scale": 1.0, "weight_decay": weight_decay}]
     trunk = {id(p) for part in (getattr(model, "stem", None), getattr(model, "stages", None)) if part is not None
              for p in part.parameters()}
+    # a library model's own head may hold pretrained layers besides its classifier (timm's MobileNetV3
+    # conv_head, ConvNeXt's head norm): they are backbone too
+    own = {k for k in getattr(model, "library_keys", {}) if k not in getattr(model, "classifier_keys", set())}
+    trunk |= {id(p) for name, p in model.named_parameters() if name in own}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        no_decay = not decay_everything and (p.dim() < 2 or name.endswith(("pos_embed", "pos_embedding")))
+        no_decay = not decay_everything and (p.dim() < 2 or name.endswith(NO_DECAY_NAMES))
         groups.setdefault((id(p) in trunk, no_decay), []).append(p)
     return [{"params": params, "lr_scale": backbone_lr_scale if in_trunk else 1.0,
              "weight_decay": 0.0 if no_decay else weight_decay}

@@ -36,9 +36,9 @@ class Chain(nn.Sequential):
     """Modules run one after another (a stage or a stem made of a library model's modules); its children keep
     the library's names with dots as underscores, so a state dict reads like the library's."""
 
-    def __init__(self, units: Sequence[tuple[str, nn.Module]]) -> None:
+    def __init__(self, units: Sequence[tuple[str, nn.Module]] | dict[str, nn.Module]) -> None:
         super().__init__()
-        for name, module in units:
+        for name, module in (units.items() if isinstance(units, dict) else units):  # (slicing passes a dict)
             self.add_module(name.replace(".", "_"), module)
 
 
@@ -98,33 +98,52 @@ def cut_at(units: list[tuple[str, nn.Module]], ends: Sequence[str]) -> tuple[nn.
 
 
 def check_split(name: str, split: Split, owner: nn.Module, image_size: int) -> None:
-    """The staged forward of one random image gives the library model ``owner``'s own logits, both in eval
-    mode; otherwise the split is refused, naming the model."""
+    """The staged forward of one random image gives the library model ``owner``'s own logits and its own
+    classifier input (the pre-logits feature, captured as the owner runs), both in eval mode; otherwise the
+    split is refused, naming the model.
+
+    Both are compared relative to their size: some models' logits are tiny at initialisation (zero-initialised
+    layer scales and last norms), where an absolute tolerance would accept a wrong split; the feature is not.
+    """
     modules = [owner, split.stem, *split.stages, split.head]
     modes = [[m.training for m in module.modules()] for module in modules]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, image_size, image_size, generator=generator)
+    seen: list[torch.Tensor] = []
+    hook = split.head.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     try:
         for module in modules:
             module.eval()
         with torch.no_grad():
             expected = owner(x)
+            expected_feature = seen[-1] if seen else None
             y = split.stem(x)
             for stage in split.stages:
                 y = stage(y)
-            got = split.head(y)[0]
-    except Exception as e:  # a map too small for a kernel, a fixed input size, a head byot cannot call alone
+            got, feature = split.head(y)
+    except Exception as e:  # a map too small for a kernel, a fixed input size, a part byot cannot call alone
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ByotError(f"{name} cannot run split into stages at {image_size} px ({first})") from e
+        raise ByotError(f"{name}: its split into stages does not run at {image_size} px ({first}); either the "
+                        "images are too small for it, or its forward is not a chain of its modules") from e
     finally:
+        hook.remove()
         for module, flags in zip(modules, modes):
             for m, flag in zip(module.modules(), flags):
                 m.training = flag
     if not isinstance(expected, torch.Tensor) or got.shape != expected.shape or (
-            expected.device.type != "meta" and not torch.allclose(got, expected, rtol=1e-4, atol=1e-4)):
+            expected.device.type != "meta" and not (_close(got, expected) and expected_feature is not None
+                                                    and _close(feature, expected_feature.flatten(1)))):
         raise ByotError(f"{name}: byot cannot split it into stages (its forward does more than run its modules one "
                         "after another, so shallow exits cannot be placed without changing what it computes); "
                         "see the README's list of supported library models")
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to rounding, relative to the size of ``expected`` (not to an absolute tolerance)."""
+    expected = expected.float()
+    scale = expected.abs().max().item()
+    return got.shape == expected.shape and (scale == 0 and bool((got == 0).all())
+                                            or bool(((got.float() - expected).abs() <= 1e-4 * scale).all()))
 
 
 def adopt(owner: nn.Module, into: nn.Module) -> None:

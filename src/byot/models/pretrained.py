@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,6 +206,7 @@ def load_library_pretrained(model: Any, source: str | Path | None) -> dict[str, 
     else:
         origin = str(Path(source).expanduser())
         state = _read_state_dict(Path(origin))
+    state = _timm_filtered(model, state)
     own = model.state_dict()
     wanted = {lib: key for key, lib in model.library_keys.items() if key not in model.classifier_keys}
     matched, mismatched, unexpected = {}, [], []
@@ -223,11 +225,32 @@ def load_library_pretrained(model: Any, source: str | Path | None) -> dict[str, 
     summary = {"source": origin, "loaded": len(matched), "shape_mismatch": mismatched, "missing": missing,
                "unexpected": [k for k in unexpected if k not in model.library_keys.values()]}
     if mismatched or missing or not matched:
-        raise ByotError(f"{origin} does not fit {model.arch}'s backbone (weights of another model?): "
-                        f"{describe_load(summary)}")
+        raise ByotError(f"{origin} does not fit {model.arch}'s backbone as built here (weights of another model "
+                        f"or another configuration?): {describe_load(summary)}")
     model.load_state_dict(matched, strict=False)
     logger.debug(describe_load(summary))
     return summary
+
+
+def _timm_filtered(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm file through timm's own ``checkpoint_filter_fn`` for the model's architecture, where it has one:
+    what timm does when it loads pretrained weights into a model of another size (Swin's relative position
+    tables and ViTs' position embeddings resampled, old key names renamed). Other files as they are."""
+    if not model.arch.startswith("timm/"):
+        return state
+    import importlib
+
+    owner = model.__dict__["_library_model"]
+    filter_fn = getattr(importlib.import_module(type(owner).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    try:
+        with warnings.catch_warnings():  # timm's resampling warns about torch internals, not about the file
+            warnings.simplefilter("ignore")
+            filtered = filter_fn(dict(state), owner)
+    except Exception:  # a file of another model: the matching below says what does not fit
+        return state
+    return {k: v for k, v in filtered.items() if isinstance(v, torch.Tensor)}
 
 
 def _library_weights(model: Any) -> tuple[dict[str, torch.Tensor], str]:

@@ -1,7 +1,7 @@
 """timm's models as multi-exit networks: ``timm/NAME`` is NAME from ``timm.create_model`` (random weights;
 ``--pretrained`` loads a local file or timm's own), cut into stages on the multi-exit contract.
 
-- CNNs (ConvNeXt, EfficientNet, MobileNetV3/V4, RegNet, ResNet/ResNeXt, CSPNet, DenseNet, FastViT, ...): the
+- CNNs (ConvNeXt, EfficientNet, MobileNetV3/V4, RegNet, ResNet/ResNeXt, CSPNet, DenseNet, GhostNet, ...): the
   stages end at the modules timm's ``feature_info`` names at strides 4, 8, 16 and 32; the stem is what runs
   before the first; the deepest exit is timm's own head (``forward_head``) and its pre-logits feature.
 - Vision transformers (ViT, DeiT, and timm's other ``VisionTransformer`` models): the patch embedding with the
@@ -120,9 +120,9 @@ class ViTStem(nn.Module):
         """x: (B, 3, H, W) -> (B, prefix + patches, C) tokens."""
         x = self.patch_embed(x)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-        if self.pos_embed is None:
-            x = torch.cat([*prefix, x], dim=1)
-        elif self.no_embed_class:
+        if self.pos_embed is None:  # timm adds no position dropout without a position embedding
+            return self.norm_pre(self.patch_drop(torch.cat([*prefix, x], dim=1)))
+        if self.no_embed_class:
             x = torch.cat([*prefix, x + self.pos_embed], dim=1)
         else:
             x = torch.cat([*prefix, x], dim=1) + self.pos_embed
@@ -153,8 +153,12 @@ def split_cnn(model: nn.Module, name: str, image_size: int) -> Split:
         raise ByotError(f"{name} has no feature_info stages at strides of 4 or more; byot cannot place exits on it")
     ends = [f["module"] for f in info]
     outputs: dict[str, torch.Size] = {}
-    hooks = [model.get_submodule(e).register_forward_hook(
-        lambda m, a, out, e=e: outputs.__setitem__(e, getattr(out, "shape", None))) for e in ends]
+    try:
+        hooks = [model.get_submodule(e).register_forward_hook(
+            lambda m, a, out, e=e: outputs.__setitem__(e, getattr(out, "shape", None))) for e in ends]
+    except AttributeError as e:
+        raise ByotError(f"{name}: its feature_info names stages it does not hold as modules ({e}); byot cannot "
+                        "split it") from e
     x = torch.zeros(1, 3, image_size, image_size)
     try:
         model.eval()
@@ -167,22 +171,21 @@ def split_cnn(model: nn.Module, name: str, image_size: int) -> Split:
         for hook in hooks:
             hook.remove()
         model.train()
-    layouts = set()
+    # timm says how its stages hand on their maps (Swin's are channels-last: output_fmt NHWC)
+    layout = "nhwc" if str(getattr(model, "output_fmt", "NCHW")).upper().endswith("NHWC") else "nchw"
+    channel_dim = 3 if layout == "nhwc" else 1
     for f in info:
         shape = outputs.get(f["module"])
-        if shape is not None and len(shape) == 4 and shape[1] == f["num_chs"]:
-            layouts.add("nchw")
-        elif shape is not None and len(shape) == 4 and shape[3] == f["num_chs"]:
-            layouts.add("nhwc")  # Swin's stages hand on channels-last maps
-        else:
-            raise ByotError(f"{name}'s stages do not give (B, C, H, W) or (B, H, W, C) maps ({f['module']}: "
-                            f"{tuple(shape or ())}, {f['num_chs']} channels expected)")
-    if len(layouts) > 1:
-        raise ByotError(f"{name}'s stages mix channels-first and channels-last maps; byot cannot place exits on it")
-    units = open_containers(model, order, ends)
-    stem, stages = cut_at(units, ends)
+        if shape is None or len(shape) != 4 or shape[channel_dim] != f["num_chs"]:
+            raise ByotError(f"{name}'s stages do not give {layout.upper()} maps ({f['module']}: {tuple(shape or ())}, "
+                            f"{f['num_chs']} channels expected); byot cannot place exits on it")
+    try:
+        units = open_containers(model, order, ends)
+        stem, stages = cut_at(units, ends)
+    except ByotError as e:
+        raise ByotError(f"{name}: {e}") from e
     head = TimmHead(model, [n for n, _ in model.named_children() if n not in order])
-    return Split(stem, stages, head, layout=layouts.pop())
+    return Split(stem, stages, head, layout=layout)
 
 
 def build_timm_model(spec: TimmSpec, common: ExitOptions) -> nn.Module:

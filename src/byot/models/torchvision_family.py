@@ -2,7 +2,7 @@
 (random weights; ``--pretrained`` loads a local file or torchvision's own), cut into stages.
 
 - CNNs (ResNet/ResNeXt/Wide ResNet, ConvNeXt, EfficientNet V1/V2, MobileNetV2/V3, RegNet, MNASNet, VGG,
-  DenseNet, ...): the modules its forward runs before the global pooling, with the containers whose parts
+  ShuffleNetV2, ...; not DenseNet, whose forward applies a ReLU of its own): the modules its forward runs before the global pooling, with the containers whose parts
   change resolution opened up, are cut where the resolution changes; the stages end at strides 4, 8, 16, 32
   (and wherever else the map halves), the stem is what runs before the first; the deepest exit is its own
   pooling and classifier, with the input of the last linear layer as the feature.
@@ -176,7 +176,10 @@ def split_cnn(model: nn.Module, name: str, image_size: int) -> Split:
     ends = [e for i, e in enumerate(ends) if i == 0 or e != ends[i - 1]]
     if len(ends) < 2:
         raise ByotError(f"{name} has fewer than two resolutions after its stem; no place for a shallow exit")
-    stem, stages = cut_at(units, ends)
+    try:
+        stem, stages = cut_at(units, ends)
+    except ByotError as e:
+        raise ByotError(f"{name}: {e}") from e
     return Split(stem, stages, TorchvisionHead(head))
 
 
