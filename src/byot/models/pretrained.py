@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
