@@ -249,6 +249,7 @@ def _timm_filtered(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torc
             warnings.simplefilter("ignore")
             filtered = filter_fn(dict(state), owner)
     except Exception:  # a file of another model: the matching below says what does not fit
+        logger.debug("timm's checkpoint filter did not take the file; matching it as it is", exc_info=True)
         return state
     return {k: v for k, v in filtered.items() if isinstance(v, torch.Tensor)}
 
