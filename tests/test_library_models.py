@@ -262,6 +262,11 @@ def test_flops_per_exit_at_224_px_match_the_published_cost(name, gmacs):
         model = create_model(name, 1000, 224)
     costs = exit_costs(model, 224)
     flops = [c["flops"] for c in costs]
+    # the same count on real CPU tensors, where attention runs through a fused kernel (counted as its matmuls)
+    tiny = create_model(name.replace("small", "tiny").replace("convnext_tiny", "convnext_atto"), 10, 64)
+    with torch.device("meta"):
+        tiny_meta = create_model(tiny.arch, 10, 64)
+    assert [c["flops"] for c in exit_costs(tiny, 64)] == [c["flops"] for c in exit_costs(tiny_meta, 64)]
     assert flops == sorted(flops) and len(flops) == 4
     # the deepest exit is the plain model (stem, stages, its own head): timm's model cards give its
     # multiply-adds to one decimal
