@@ -244,6 +244,10 @@ def test_fine_tune_a_timm_convnext_from_a_local_file_then_deploy_exit_2(cifar10_
     result = json.loads(capsys.readouterr().out)
     assert [e["exit"] for e in result["exits"]] == [1, 2, 3, 4] and result["num_images"] == 40
     assert main(["early-exit", "timm/convnext_atto", *data, "--resume", str(checkpoint)]) == 0
+    capsys.readouterr()
+    assert main(["test", "timm/resnet18", *data, "--resume", str(checkpoint)]) == 2  # another model's checkpoint
+    err = capsys.readouterr().err
+    assert "timm/resnet18" in err and "timm/convnext_atto" in err and "Traceback" not in err
     onnx = tmp_path / "exit2.onnx"
     assert main(["export", "timm/convnext_atto", "--resume", str(checkpoint), "--exit", "2", "--format", "onnx",
                  "--out", str(onnx)]) == 0

@@ -141,6 +141,32 @@ def test_a_second_ctrl_c_exits_at_once(monkeypatch):
     assert stopped.value.exit_code == 130  # the held first one, raised once the write completed
 
 
+def test_after_a_stop_a_helper_threads_lost_connection_is_not_printed(capsys):
+    # multiprocessing.resource_sharer's thread (which hands DataLoader workers' tensors over) reports its own
+    # errors through sys.excepthook: a worker stopped by the same Ctrl-C mid-handshake is no traceback
+    import threading
+
+    from byot.engine import signals
+
+    def report(error: BaseException) -> None:
+        try:
+            raise error
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+
+    with signals.handle_signals():
+        helper = threading.Thread(target=report, args=(ConnectionResetError("peer gone"),), name="Thread-9 (_serve)")
+        helper.start(), helper.join()
+        assert capsys.readouterr().err != ""  # before any stop signal: printed as ever
+        signals._state["received"] = 1  # a stop signal has arrived
+        helper = threading.Thread(target=report, args=(ConnectionResetError("peer gone"),), name="Thread-9 (_serve)")
+        helper.start(), helper.join()
+        assert capsys.readouterr().err == ""
+        report(ValueError("in the main thread"))  # the main thread's errors are never hidden
+        assert "ValueError" in capsys.readouterr().err
+        signals._state["received"] = 0
+
+
 def test_nonfinite_loss_stops_naming_step_epoch_and_term(tmp_path):
     proc = byot_train(tmp_path, fault=f"nonfinite_loss:{STEPS_PER_EPOCH + 7}")
     assert proc.returncode == 2

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from types import FrameType
+from types import FrameType, TracebackType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1  # Linux prctl option: the signal a process gets when its parent ends
@@ -89,12 +90,13 @@ def handle_signals() -> Iterator[None]:
         return
     previous = {s: signal.signal(s, _handler) for s in HANDLED}
     _state.update(critical=0, pending=0, received=0, pid=os.getpid())
-    hook = threading.excepthook
+    hook, sys_hook = threading.excepthook, sys.excepthook
     threading.excepthook = _quiet_after_stop(hook)
+    sys.excepthook = _quiet_helper_after_stop(sys_hook)
     try:
         yield
     finally:
-        threading.excepthook = hook
+        threading.excepthook, sys.excepthook = hook, sys_hook
         for s, h in previous.items():
             signal.signal(s, h)
 
@@ -110,6 +112,19 @@ def _quiet_after_stop(hook: ThreadHook) -> ThreadHook:
         if _state["received"] and issubclass(args.exc_type, (ConnectionError, EOFError)):
             return
         hook(args)
+    return quiet
+
+
+def _quiet_helper_after_stop(hook: Callable[..., object]) -> Callable[..., object]:
+    """The same for a helper thread that reports its errors itself through ``sys.excepthook`` rather than
+    raising them (multiprocessing.resource_sharer's serving thread does): after a stop signal, a lost
+    connection in a thread other than the main one is not printed."""
+    def quiet(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        thread = threading.current_thread()
+        lost = issubclass(exc_type, (ConnectionError, EOFError, OSError, multiprocessing.AuthenticationError))
+        if _state["received"] and thread is not threading.main_thread() and (lost or "_serve" in thread.name):
+            return
+        hook(exc_type, exc, tb)
     return quiet
 
 
