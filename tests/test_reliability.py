@@ -148,11 +148,8 @@ def test_after_a_stop_a_helper_threads_lost_connection_is_not_printed(capsys):
 
     from byot.engine import signals
 
-    def report(error: BaseException) -> None:
-        try:
-            raise error
-        except BaseException:
-            sys.excepthook(*sys.exc_info())
+    def report(error: Exception) -> None:
+        sys.excepthook(type(error), error, None)  # as resource_sharer's _serve reports what it caught
 
     with signals.handle_signals():
         helper = threading.Thread(target=report, args=(ConnectionResetError("peer gone"),), name="Thread-9 (_serve)")
