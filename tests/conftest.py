@@ -5,12 +5,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pickle
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite's two workers (pyproject's -n 2) share the 2 cores
+    import torch
+
+    torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR100_TAR = SHARED_DATA / "cifar-100-python.tar.xz"
