@@ -50,6 +50,17 @@ def without_timing(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
+def between_samples(confidence, share: float = 0.5) -> float:
+    """A threshold that lets about ``share`` of the images leave, half-way between two of their confidences:
+    a threshold equal to one image's confidence (a quantile of an odd count) flips that image on the last
+    bit in which the cascade's smaller batches may round differently from the whole batch's."""
+    import torch
+
+    ordered = torch.sort(confidence.double()).values
+    k = min(max(int(len(ordered) * (1 - share)), 1), len(ordered) - 1)
+    return float((ordered[k - 1] + ordered[k]) / 2)
+
+
 def _need(path: Path) -> None:
     if not path.exists():
         pytest.skip(f"real data not found at {path} (../shared/data beside the checkout)")

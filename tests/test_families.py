@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import between_samples
 from test_models import tiny as tiny_options
 
 from byot.config import build_config
@@ -87,7 +88,7 @@ def test_real_cascade_equals_the_simulated_policy(runs, cifar100_small, name):
     data = load_data(cfg, torch.device("cpu"))
     logits, _ = collect_logits(model, data.test, runtime)
     confidence = [torch.softmax(z, dim=1).max(dim=1).values.double() for z in logits[:-1]]
-    policy = ExitPolicy(tuple(float(torch.quantile(c, 0.5)) for c in confidence))
+    policy = ExitPolicy(tuple(between_samples(c) for c in confidence))
     simulated = simulate(logits, policy)
     net = EarlyExitNet(model, policy)
     answers = [net(runtime.inputs(images)) for images, _ in data.test]
