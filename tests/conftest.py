@@ -61,6 +61,28 @@ def between_samples(confidence, share: float = 0.5) -> float:
     return float((ordered[k - 1] + ordered[k]) / 2)
 
 
+def assert_cascade_is_the_policy(model, runtime, batches) -> None:
+    """The real early-exit cascade (batches shrinking stage by stage) answers every image of ``batches`` as the
+    policy simulated on the whole batches' logits does, with the same class and the same exit, and some images
+    leave early (thresholds at each shallow exit's median confidence, see ``between_samples``)."""
+    import torch
+
+    from byot.deploy.cascade import EarlyExitNet
+    from byot.deploy.policy import ExitPolicy, simulate
+    from byot.engine.evaluate import collect_logits
+
+    logits, _ = collect_logits(model, batches, runtime)
+    confidence = [torch.softmax(z, dim=1).max(dim=1).values.double() for z in logits[:-1]]
+    policy = ExitPolicy(tuple(between_samples(c) for c in confidence))
+    simulated = simulate(logits, policy)
+    net = EarlyExitNet(model, policy)
+    answers = [net(runtime.inputs(images)) for images, _ in batches]
+    assert torch.equal(torch.cat([a.predicted for a in answers]), simulated.predicted)
+    stage = torch.tensor(model.exit_stages)[simulated.exit_position]
+    assert torch.equal(torch.cat([a.exit for a in answers]), stage)
+    assert len(set(stage.tolist())) > 1  # the policy really exits early for some images
+
+
 def _need(path: Path) -> None:
     if not path.exists():
         pytest.skip(f"real data not found at {path} (../shared/data beside the checkout)")

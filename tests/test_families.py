@@ -13,16 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import between_samples
+from conftest import assert_cascade_is_the_policy
 from test_models import tiny as tiny_options
 
 from byot.config import build_config
-from byot.deploy.cascade import EarlyExitNet
-from byot.deploy.policy import ExitPolicy, simulate
 from byot.deploy.run import export_checkpoint
 from byot.engine.build import build_trained, load_data
 from byot.engine.checkpoint import load_checkpoint
-from byot.engine.evaluate import collect_logits
 from byot.engine.fit import fit
 from byot.models import list_models, model_spec
 
@@ -85,17 +82,7 @@ def test_real_cascade_equals_the_simulated_policy(runs, cifar100_small, name):
     checkpoint = load_checkpoint(path)
     cfg = _config(name, cifar100_small, runs[name] / "straight", 2, resume=str(path))
     model, runtime = build_trained(cfg, checkpoint, torch.device("cpu"))
-    data = load_data(cfg, torch.device("cpu"))
-    logits, _ = collect_logits(model, data.test, runtime)
-    confidence = [torch.softmax(z, dim=1).max(dim=1).values.double() for z in logits[:-1]]
-    policy = ExitPolicy(tuple(between_samples(c) for c in confidence))
-    simulated = simulate(logits, policy)
-    net = EarlyExitNet(model, policy)
-    answers = [net(runtime.inputs(images)) for images, _ in data.test]
-    assert torch.equal(torch.cat([a.predicted for a in answers]), simulated.predicted)
-    stage = torch.tensor(model.exit_stages)[simulated.exit_position]
-    assert torch.equal(torch.cat([a.exit for a in answers]), stage)
-    assert len(set(stage.tolist())) > 1  # the policy really exits early for some images
+    assert_cascade_is_the_policy(model, runtime, load_data(cfg, torch.device("cpu")).test)
 
 
 

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import between_samples
+from conftest import assert_cascade_is_the_policy
 
 from byot.cli import main
 from byot.config import build_config
-from byot.deploy.cascade import EarlyExitNet
-from byot.deploy.policy import ExitPolicy, simulate
 from byot.deploy.run import export_checkpoint
 from byot.engine.build import build_trained, load_data
 from byot.engine.checkpoint import load_checkpoint
-from byot.engine.evaluate import collect_logits
 from byot.engine.fit import fit
 from byot.engine.runtime import build_optimizer
 from byot.engine.train import lr_at
@@ -211,14 +208,7 @@ def test_a_vit_run_resumes_exactly_and_its_cascade_is_the_policy(cifar10_jpg, tm
     assert not [k for k, v in a["model"].items() if not torch.equal(v, b["model"][k])]
     cfg = _vit_config(cifar10_jpg, straight, 2, resume=str(latest))
     model, runtime = build_trained(cfg, b, torch.device("cpu"))
-    data = load_data(cfg, torch.device("cpu"))
-    logits, _ = collect_logits(model, data.test, runtime)
-    confidence = [torch.softmax(z, dim=1).max(dim=1).values.double() for z in logits[:-1]]
-    policy = ExitPolicy(tuple(between_samples(c) for c in confidence))
-    simulated = simulate(logits, policy)
-    answers = [EarlyExitNet(model, policy)(runtime.inputs(images)) for images, _ in data.test]
-    assert torch.equal(torch.cat([x.predicted for x in answers]), simulated.predicted)
-    assert len(set(torch.cat([x.exit for x in answers]).tolist())) > 1
+    assert_cascade_is_the_policy(model, runtime, load_data(cfg, torch.device("cpu")).test)
     # exit 6 alone (the stem, blocks 1-6 and its token exit) as ONNX, checked under onnxruntime
     pytest.importorskip("onnxruntime")
     result = export_checkpoint(cfg, b, "6", "onnx", tmp_path / "vit_exit6.onnx")
