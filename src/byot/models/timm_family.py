@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from byot.errors import ByotError
+from byot.models.exits import fp32_logits
 from byot.models.library import (
     Chain,
     LibraryNet,
@@ -95,12 +96,7 @@ class TimmHead(nn.Module):
         for name, part in self.parts.items():  # a module swapped in byot's net (SyncBatchNorm) is the one used
             if owner._modules.get(name) is not part:
                 owner._modules[name] = part
-        feature = owner.forward_head(x, pre_logits=True).float()  # (B, C)
-        classifier = owner.get_classifier()
-        if feature.device.type == "meta":
-            return classifier(feature), feature
-        with torch.autocast(feature.device.type, enabled=False):
-            return classifier(feature), feature
+        return fp32_logits(owner.get_classifier(), owner.forward_head(x, pre_logits=True))  # feature (B, C)
 
 
 class ViTStem(nn.Module):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from byot.errors import ByotError
+from byot.models.exits import fp32_logits
 from byot.models.library import Chain, LibraryNet, Split, call_order, check_split, cut_at
 from byot.models.registry import ExitOptions, Family, register_prefix
 from byot.models.timm_family import quarters
@@ -68,18 +69,10 @@ class TorchvisionHead(nn.Module):
         return self.parts[self.last]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature = x
-        for i, part in enumerate(self.parts):
-            if isinstance(part, nn.Linear) and x.dim() > 2:
-                x = torch.flatten(x, 1)
-            if i == self.last:
-                feature = x.float()
-                if x.device.type == "meta":
-                    return part(feature), feature
-                with torch.autocast(x.device.type, enabled=False):
-                    return part(feature), feature
+        for part in list(self.parts)[: self.last]:
+            x = torch.flatten(x, 1) if isinstance(part, nn.Linear) and x.dim() > 2 else x
             x = part(x)
-        return x, feature  # not reached: the last linear layer returns
+        return fp32_logits(self.parts[self.last], torch.flatten(x, 1) if x.dim() > 2 else x)
 
 
 class TorchvisionViTStem(nn.Module):
