@@ -110,3 +110,55 @@ def test_bad_weights_are_refused_once_by_the_config():
         build_config({}, {"alpha": 1.5})
     with pytest.raises(ByotError, match="--temperature must be positive"):
         build_config({}, {"temperature": 0.0})
+
+
+def np_journal_loss(logits, features, y, T, skip_index_deepest_first=1) -> float:
+    """The journal code's loss (train.py of pytorch-self-distillation-final) written out in numpy, in its own
+    deepest-first order: CE of the deepest + for every shallow one 0.3 softCE(T) + 0.7 CE, and 0.03 times the
+    (unsquared) L2 distance of its feature to the deepest's, except for list index 1."""
+    outs, feats = logits[::-1], features[::-1]
+    n = len(y)
+    total = -np_log_softmax(outs[0])[np.arange(n), y].mean()
+    p = np.exp(np_log_softmax(outs[0] / T))
+    for index in range(1, len(outs)):
+        total += 0.3 * -(p * np_log_softmax(outs[index] / T)).sum(axis=1).mean()
+        total += 0.7 * -np_log_softmax(outs[index])[np.arange(n), y].mean()
+        if index != skip_index_deepest_first:
+            total += 0.03 * np.sqrt(((feats[index] - feats[0]) ** 2).sum())
+    return total
+
+
+def test_the_journal_recipe_loss_matches_its_code_written_out():
+    from byot.config import build_config
+    from byot.data import DataBundle
+    from byot.engine.build import build_loss
+
+    cfg = build_config({}, {"recipe": "journal", "dataset": "digits"})
+    rng = np.random.default_rng(3)
+    logits = [rng.normal(size=(6, 10)) * 2 for _ in range(4)]
+    features = [rng.normal(size=(6, 16)) for _ in range(4)]
+    y = rng.integers(0, 10, 6)
+    data = DataBundle(None, None, [str(i) for i in range(10)], 32, (0, 0, 0), (1, 1, 1), [1] * 10)
+    loss = build_loss(cfg, data, torch.device("cpu"), [1, 2, 3, 4])
+    out = loss(MultiExitOutput([torch.tensor(z) for z in logits], [torch.tensor(f) for f in features]),
+               torch.tensor(y))
+    assert "feature/exit3" not in out and {"feature/exit1", "feature/exit2"} <= set(out)
+    assert float(out["loss"]) == pytest.approx(np_journal_loss(logits, features, y, 3.0), rel=1e-5)
+    assert float(loss.total({k: v for k, v in out.items() if k != "loss"})) == pytest.approx(float(out["loss"]))
+
+
+def test_mixed_targets_weigh_both_labels_and_reduce_to_plain_labels():
+    from byot.data.augment import Mixed
+
+    rng = np.random.default_rng(0)
+    z = torch.tensor(rng.normal(size=(5, 4)))
+    a, b = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([1, 1, 0, 2, 3])
+    lam = torch.tensor([1.0, 0.25, 0.5, 0.9, 0.0])
+    logp = np_log_softmax(z.numpy())
+    want = np.mean([lam[i] * -logp[i, a[i]] + (1 - lam[i]) * -logp[i, b[i]] for i in range(5)])
+    assert float(cross_entropy(z, Mixed(a, b, lam))) == pytest.approx(want, rel=1e-6)
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    ones = torch.ones(5)
+    assert float(cross_entropy(z, Mixed(a, b, ones), w)) == pytest.approx(float(cross_entropy(z, a, w)), rel=1e-6)
+    smooth = float(cross_entropy(z, Mixed(a, b, ones), label_smoothing=0.1))
+    assert smooth == pytest.approx(float(torch.nn.functional.cross_entropy(z, a, label_smoothing=0.1)), rel=1e-6)

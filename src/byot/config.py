@@ -39,6 +39,13 @@ class TrainConfig:
     workers: int = 4  # DataLoader processes decoding image-folder files (CIFAR lives in memory)
     skip_corrupt: bool = False  # leave unreadable image-folder files out (listed) instead of stopping
     class_weights: str = "none"  # "balanced": label terms weighted by N / (K * n_class), for imbalanced data
+    # augmentation of the training batches, per image, on the training device (byot.data.augment)
+    augment: str = "none"  # none | autoaugment | randaugment | trivialaugment (CIFAR policy at 32 px, else ImageNet)
+    cutout: int = 0  # side in px of one square hole per image (0: none)
+    mixup: float = 0.0  # Beta(a, a) of each image's mixup ratio (0: off)
+    cutmix: float = 0.0  # Beta(a, a) of each image's CutMix ratio (0: off; with mixup each image picks one)
+    label_smoothing: float = 0.0  # the label terms' targets: 1 - eps on the label, eps spread over all classes
+    pad_fill: int = 0  # grey level of the crop's padding and of what geometric operations bring in
     # optimisation
     epochs: int = 200
     batch_size: int = 128  # images per step: the global batch, split over the processes under torchrun
@@ -47,7 +54,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # SGD: L2 on every parameter, as the reference; AdamW: decoupled, weights only
     backbone_lr_scale: float = 1.0  # the stem's and stages' learning rate relative to the heads' (fine-tuning)
-    schedule: str = "step"  # "step": x0.1 at 75/130/180 of 200 epochs, scaled; "cosine"
+    schedule: str = "step"  # "step": x0.1 at 75/130/180 of 200 epochs, scaled; "journal": /10 at E/3, 2E/3, E-10; "cosine"
     warmup_epochs: int = 0  # epochs of linearly rising learning rate before the schedule starts
     accum_steps: int = 1  # batches whose gradients add up before one optimizer step (effective batch x N)
     grad_checkpoint: bool = False  # recompute each stage's activations in backward: less memory, ~30% slower
@@ -58,9 +65,16 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     sync_bn: bool = False  # under torchrun: BatchNorm statistics of the global batch, not each process's part
     # self-distillation loss
-    temperature: float = 3.0  # softens the teacher; the KD term is scaled by T**2
-    alpha: float = 0.1  # KD weight; labels get (1 - alpha)
-    beta: float = 1e-6  # feature-hint weight (the hint is a sum over batch and channels, hence tiny)
+    recipe: str = "iccv"  # "iccv": these defaults (ICCV 2019); "journal": the TPAMI code's (JOURNAL_RECIPE)
+    temperature: float = 3.0  # softens the teacher; the KD term is scaled by T**2 (unless kd_t2 is off)
+    alpha: float = 0.1  # KD weight; the shallow exits' labels get (1 - alpha)
+    deepest_ce: float | None = None  # the deepest exit's label weight; None: 1 - alpha, as the shallow exits'
+    kd_t2: bool = True  # scale the KD term by T**2 (ICCV); the journal code does not
+    beta: float = 1e-6  # feature-loss weight (--feature-weight; the hint is a sum over batch and channels, hence tiny)
+    feature_loss: str = "hint"  # "hint": masked squared distance (ICCV); "adapted": L2 distance of a learned
+    # linear adaptation of each shallow exit's feature to the deepest's (the journal's)
+    feature_skip: str = "none"  # exits without a feature term: "none", or "second-deepest" (the journal code's)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated per exit (0: off)
     # run
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
@@ -76,9 +90,25 @@ class TrainConfig:
 
 # Options that fix the weights' shapes: a checkpoint's values win, and a different value is an error.
 # Options that fix the weights' shapes (compared through ``model_identity``, not as spelled)
-MODEL_FIELDS = ("arch", "width", "stem", "model_options", "exits", "distill", "head", "dataset", "image_size")
+MODEL_FIELDS = ("arch", "width", "stem", "model_options", "exits", "distill", "head", "dataset", "image_size",
+                "feature_loss", "feature_skip")
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
+
+# The TPAMI 2021 journal version's training, as its official code has it (ArchipLab-LinfengZhang/
+# pytorch-self-distillation-final, train.py and resnet.py): attention exits; crop padded with grey 128, flip,
+# AutoAugment's CIFAR-10 policy, one 16 px Cutout hole; the deepest exit learns from the labels with weight 1,
+# each shallow one with 0.7 and from the deepest's softened logits (T = 3, no T**2) with 0.3; the feature
+# term is the L2 distance of a learned linear adaptation of a shallow feature to the deepest's, weight 0.03,
+# left out for the second-deepest exit (index 1 of the code's deepest-first list); 250 epochs of SGD at 0.1,
+# /10 at E // 3, 2E // 3 and E - 10. Any option given beside --recipe journal replaces its value here.
+JOURNAL_RECIPE: dict[str, Any] = {
+    "head": "attention", "augment": "autoaugment", "cutout": 16, "pad_fill": 128,
+    "alpha": 0.3, "temperature": 3.0, "deepest_ce": 1.0, "kd_t2": False,
+    "feature_loss": "adapted", "beta": 0.03, "feature_skip": "second-deepest",
+    "epochs": 250, "schedule": "journal", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128,
+}
+RECIPES: dict[str, dict[str, Any]] = {"iccv": {}, "journal": JOURNAL_RECIPE}
 
 YAML_NODE_LIMIT = 100_000  # values a YAML file may expand to; a config holds ~50 and a sweep a few hundred
 
@@ -162,6 +192,8 @@ def build_config(base: dict[str, Any], *overrides: dict[str, Any]) -> TrainConfi
         for key, value in layer.items():  # the family's options add up over the layers, the others replace
             both = key == "model_options" and isinstance(value, dict) and isinstance(merged.get(key), dict)
             merged[key] = {**merged[key], **value} if both else value
+    if merged.get("recipe") in RECIPES:  # a recipe's values stand in for the defaults, never for a given option
+        merged = {**RECIPES[merged["recipe"]], **merged}
     typed = {f.name: _coerce(f, merged[f.name]) for f in fields(TrainConfig) if f.name in merged}
     cfg = TrainConfig(**typed)
     _validate(cfg)
@@ -242,6 +274,13 @@ RANGES: dict[str, Range] = {
     "temperature": Range(0, low_open=True),
     "alpha": Range(0, 1),  # labels get 1 - alpha
     "beta": Range(0),
+    "deepest_ce": Range(0),
+    "cutout": Range(0, 4096),
+    "mixup": Range(0),
+    "cutmix": Range(0),
+    "label_smoothing": Range(0, 1, high_open=True),
+    "pad_fill": Range(0, 255),
+    "ema": Range(0, 1, high_open=True),
     # numpy's bound; it also keeps the data order's generator seed (seed * 1_000_003 + epoch, see
     # byot.data.batches) inside torch's 64 bits, which a seed near 2**63 would overflow
     "seed": Range(0, 2**32 - 1),
@@ -263,7 +302,11 @@ def check_range(name: str, value: float | None) -> None:
 # Every named option's choices, in one table: the flags' choices, the config's validation and the schedule
 # (byot.engine.train) all read it.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "schedule": ("step", "cosine"),
+    "schedule": ("step", "journal", "cosine"),
+    "recipe": ("iccv", "journal"),
+    "augment": ("none", "autoaugment", "randaugment", "trivialaugment"),
+    "feature_loss": ("hint", "adapted"),
+    "feature_skip": ("none", "second-deepest"),
     "optimizer": ("sgd", "adamw"),
     "head": HEADS,
     "amp": ("auto", "bf16", "fp16", "off"),  # byot.engine.runtime resolves them
@@ -309,6 +352,8 @@ def model_identity(cfg: TrainConfig, image_size: int | None = None) -> dict[str,
     identity["exits"] = _exit_stages(cfg.arch, spec, parse_exits(cfg.exits), size) if cfg.distill else ()
     identity.update(distill=cfg.distill, head=cfg.head if cfg.distill else None, dataset=cfg.dataset,
                     image_size=cfg.image_size or image_size)
+    if cfg.distill and cfg.feature_loss == "adapted":  # adaptation layers: weights of their own
+        identity.update(feature_loss=cfg.feature_loss, feature_skip=cfg.feature_skip)
     return identity
 
 

@@ -1,11 +1,26 @@
 """The self-distillation loss of "Be Your Own Teacher" as pure functions plus one thin module.
 
+The ICCV 2019 objective (byot's defaults):
+
     total = (1 - alpha) * sum_{i=1..n} CE(y, z_i)
           + alpha * T^2 * sum_{i=1..n-1} softCE(softmax(z_n / T), z_i / T)
           + beta * sum_{i=1..n-1} sum((f_i - f_n)^2 where f_i > 0 or f_n > 0)
 
-z_i are exit i's logits, f_i its pooled features, shallow to deep; exit n (the deepest) is the teacher. The
-terms are named by the exits' numbers (``exit_ids``: a model's ``exit_stages``, e.g. ``kd/exit2``).
+The TPAMI 2021 journal code's (``--recipe journal``: deepest_ce 1, alpha 0.3, no T^2, adapted features, beta
+0.03, the second-deepest exit without a feature term):
+
+    total = CE(y, z_n) + (1 - alpha) * sum_{i<n} CE(y, z_i) + alpha * sum_{i<n} softCE(softmax(z_n / T), z_i / T)
+          + beta * sum_{i<n, i != n-1} || A_i(f_i) - f_n ||_2
+
+z_i are exit i's logits, f_i its pooled features, shallow to deep; exit n (the deepest) is the teacher, and
+its logits and feature are detached in the KD and feature terms. A_i is a learned linear map that the model
+holds (``MultiExitNet.adapt_features``), so f_i arrives adapted; the distance is the Frobenius norm of the
+(B, C) difference, as ``torch.dist`` in that code. The terms are named by the exits' numbers (``exit_ids``:
+a model's ``exit_stages``, e.g. ``kd/exit2``, ``feature/exit1``).
+
+Mixed targets (mixup, CutMix: ``byot.data.augment.Mixed``) enter the label terms only: image i's term is
+lam_i CE(y_i, z_i) + (1 - lam_i) CE(y'_i, z_i). The KD and feature terms compare the mixed image's own
+exits and need no labels. Label smoothing applies to the label terms only.
 """
 
 from __future__ import annotations
@@ -15,13 +30,35 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from byot.data.augment import Mixed, Targets
 from byot.models.base import MultiExitOutput
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: Targets, weight: torch.Tensor | None = None,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of (B, K) logits against (B,) integer labels; with (K,) class ``weight``
-    the weighted mean sum_i w_{y_i} l_i / sum_i w_{y_i}."""
-    return F.cross_entropy(logits.float(), targets, weight=weight)
+    the weighted mean sum_i w_{y_i} l_i / sum_i w_{y_i}. Mixed targets: each image's two labels weighed by
+    its ratio, lam_i l(y_i) + (1 - lam_i) l(y'_i), over the same ratios of the class weights."""
+    if not isinstance(targets, Mixed):
+        return F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=label_smoothing)
+    lam = targets.lam.float()
+    own = F.cross_entropy(logits.float(), targets.labels, weight=weight, reduction="none",
+                          label_smoothing=label_smoothing)
+    other = F.cross_entropy(logits.float(), targets.partner_labels, weight=weight, reduction="none",
+                            label_smoothing=label_smoothing)
+    total = (lam * own + (1.0 - lam) * other).sum()
+    return total / label_weight_sum(weight, targets) if weight is not None else total / len(lam)
+
+
+def label_weight_sum(weight: torch.Tensor | None, targets: Targets) -> torch.Tensor:
+    """The sum of the class weights of a batch's labels (its image count without weights): what a weighted
+    mean divides by; mixed labels count by their ratios."""
+    if weight is None:
+        return torch.tensor(float(len(targets)))
+    if isinstance(targets, Mixed):
+        lam = targets.lam.float()
+        return (lam * weight[targets.labels] + (1.0 - lam) * weight[targets.partner_labels]).sum()
+    return weight[targets].sum()
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -44,23 +81,40 @@ def feature_hint(feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.
     return ((feature - teacher_feature) ** 2 * mask).sum()
 
 
+def feature_distance(feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """The L2 (Frobenius) norm of the (B, C) difference: the journal code's ``torch.dist``, not squared."""
+    return torch.linalg.vector_norm(feature.float() - teacher_feature.float())
+
+
 def term_kind(name: str) -> str:
-    """"ce", "kd" or "hint": the kind of a named term ("kd/exit2" -> "kd")."""
+    """"ce", "kd", "hint" or "feature": the kind of a named term ("kd/exit2" -> "kd")."""
     return name.split("/", 1)[0]
+
+
+def term_exit(name: str) -> int:
+    """The exit number in a term's name ("ce/exit4" -> 4)."""
+    return int(name.rsplit("exit", 1)[1])
 
 
 class SelfDistillLoss:
     """Applies the weights and returns every named term; ``out["loss"]`` is the total.
 
     ``alpha``: share of the KD term (0 gives deep supervision: every exit learns from labels only).
-    ``beta``: weight of the feature hint. ``temperature``: softens the teacher; KD scaled by T**2.
-    The values are checked once, in the run configuration (``byot.config.RANGES``).
+    ``beta``: weight of the feature term. ``temperature``: softens the teacher; KD scaled by T**2 where
+    ``kd_t2``. ``deepest_ce``: the deepest exit's label weight (None: 1 - alpha, like the others).
+    ``feature_loss``: "hint" (ICCV) or "adapted" (the journal's distance; the model adapts the features).
+    ``feature_skip``: exit numbers without a feature term. The values are checked once, in the run
+    configuration (``byot.config.RANGES``).
     """
 
     def __init__(self, alpha: float = 0.1, beta: float = 1e-6, temperature: float = 3.0,
-                 class_weights: torch.Tensor | None = None) -> None:
+                 class_weights: torch.Tensor | None = None, *, deepest_ce: float | None = None,
+                 kd_t2: bool = True, feature_loss: str = "hint", feature_skip: Sequence[int] = (),
+                 label_smoothing: float = 0.0) -> None:
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.class_weights = class_weights  # (K,) weights of the label terms, or None
+        self.deepest_ce, self.kd_t2, self.feature_loss = deepest_ce, kd_t2, feature_loss
+        self.feature_skip, self.label_smoothing = tuple(feature_skip), label_smoothing
 
     def __call__(
         self, output: MultiExitOutput, targets: torch.Tensor, exit_ids: Sequence[int] | None = None
@@ -72,22 +126,38 @@ class SelfDistillLoss:
         ids = list(exit_ids) if exit_ids is not None else list(range(1, len(output.logits) + 1))
         terms: dict[str, torch.Tensor] = {}
         for k, z in zip(ids, output.logits):
-            terms[f"ce/exit{k}"] = cross_entropy(z, targets, self.class_weights)
+            terms[f"ce/exit{k}"] = cross_entropy(z, targets, self.class_weights, self.label_smoothing)
         # The teacher is detached: the shallow exits learn from it, it does not learn from them.
         teacher_probs = F.softmax(output.logits[-1].detach().float() / self.temperature, dim=1)
         teacher_feature = output.features[-1].detach()
         for k, z, f in zip(ids[:-1], output.logits[:-1], output.features[:-1]):
             terms[f"kd/exit{k}"] = soft_cross_entropy(z, teacher_probs, self.temperature)
-            terms[f"hint/exit{k}"] = feature_hint(f, teacher_feature)
+            if k in self.feature_skip:
+                continue
+            if self.feature_loss == "adapted":
+                terms[f"feature/exit{k}"] = feature_distance(f, teacher_feature)
+            else:
+                terms[f"hint/exit{k}"] = feature_hint(f, teacher_feature)
         return {"loss": self.total(terms), **terms}
 
     @property
     def weights(self) -> dict[str, float]:
-        """Each kind of term's weight in the total."""
-        return {"ce": 1.0 - self.alpha, "kd": self.alpha * self.temperature**2, "hint": self.beta}
+        """Each kind of term's weight in the total (the deepest exit's label term: ``term_weight``)."""
+        kd = self.alpha * self.temperature**2 if self.kd_t2 else self.alpha
+        return {"ce": 1.0 - self.alpha, "kd": kd, "hint": self.beta, "feature": self.beta}
+
+    def term_weight(self, name: str, deepest: int) -> float:
+        """The weight of term ``name`` when exit ``deepest`` is the teacher."""
+        if self.deepest_ce is not None and name == f"ce/exit{deepest}":
+            return self.deepest_ce
+        return self.weights[term_kind(name)]
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weighted sum of named ``terms`` (any "loss" entry left out)."""
-        weights = self.weights
-        parts = [weights[term_kind(name)] * v for name, v in terms.items() if name != "loss"]
-        return sum(parts[1:], parts[0]) if parts else torch.zeros(())
+        """The weighted sum of named ``terms`` (any "loss" entry left out); the deepest exit is the highest
+        numbered label term's."""
+        names = [name for name in terms if name != "loss"]
+        if not names:
+            return torch.zeros(())
+        deepest = max((term_exit(name) for name in names if term_kind(name) == "ce"), default=0)
+        parts = [self.term_weight(name, deepest) * terms[name] for name in names]
+        return sum(parts[1:], parts[0])

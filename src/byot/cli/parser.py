@@ -130,7 +130,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="learning rate of the stem and stages relative to the heads' (default 1; e.g. 0.1 when "
                         "fine-tuning a pretrained backbone)")
     g.add_argument("--schedule", choices=_choices("schedule"),
-                   help="step (default): lr x0.1 at 75/130/180 of 200 epochs, scaled; cosine")
+                   help="step (default): lr x0.1 at 75/130/180 of 200 epochs, scaled; journal: lr /10 at E // 3, "
+                        "2E // 3 and E - 10 (the journal code's); cosine")
     g.add_argument("--warmup-epochs", type=int, metavar="N",
                    help="epochs of linearly rising learning rate before the schedule (default 0)")
     g.add_argument("--class-weights", choices=_choices("class_weights"),
@@ -141,10 +142,41 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-nonfinite", type=int, metavar="N",
                    help="skip the update of up to N steps whose loss is NaN or infinite (default 0: stop at the "
                         "first, keeping the last good checkpoint)")
+    g = p.add_argument_group("augmentation (training batches, per image, on the training device)")
+    g.add_argument("--augment", choices=_choices("augment"),
+                   help="none (default: crop and flip only), autoaugment (the CIFAR-10 policy at 32 px, the "
+                        "ImageNet one on image folders), randaugment (2 ops, magnitude 9), trivialaugment")
+    g.add_argument("--cutout", type=int, metavar="PX", help="one square hole of PX px per image (default 0: none)")
+    g.add_argument("--mixup", type=float, metavar="ALPHA", help="mix each image with another, ratio ~ Beta(ALPHA, "
+                   "ALPHA) (default 0: off)")
+    g.add_argument("--cutmix", type=float, metavar="ALPHA", help="paste a box of another image, area ~ Beta(ALPHA, "
+                   "ALPHA) (default 0: off; with --mixup each image picks one of the two)")
+    g.add_argument("--label-smoothing", type=float, metavar="EPS", help="label terms' targets smoothed by EPS "
+                   "(default 0)")
+    g.add_argument("--pad-fill", type=int, metavar="0-255", help="grey level of the crop's padding and of what "
+                   "rotations, shears and translations bring in (default 0; the journal recipe's 128)")
     g = p.add_argument_group("self-distillation")
+    g.add_argument("--recipe", choices=_choices("recipe"),
+                   help="iccv (default: the ICCV 2019 paper's loss and 200-epoch schedule) or journal (the TPAMI "
+                        "2021 code's: attention exits, AutoAugment + Cutout, CE 1 / 0.7, KD 0.3 without T^2, "
+                        "adapted feature distance 0.03, 250 epochs; README, 'The loss'); options given beside it win")
     g.add_argument("--temperature", type=float, help=f"softens the teacher (default {D.temperature})")
-    g.add_argument("--alpha", type=float, help=f"KD weight; labels get 1 - alpha (default {D.alpha})")
-    g.add_argument("--beta", type=float, help=f"feature-hint weight (default {D.beta})")
+    g.add_argument("--alpha", type=float, help=f"KD weight; the shallow exits' labels get 1 - alpha (default {D.alpha})")
+    g.add_argument("--deepest-ce", type=float, metavar="WEIGHT",
+                   help="the deepest exit's label weight (default: 1 - alpha, as the shallow exits'; journal: 1)")
+    g.add_argument("--no-kd-t2", dest="kd_t2", action="store_false",
+                   help="do not scale the KD term by T^2 (the journal code does not)")
+    g.add_argument("--beta", "--feature-weight", dest="beta", type=float,
+                   help=f"weight of the feature term (default {D.beta}, for the hint; journal: 0.03)")
+    g.add_argument("--feature-loss", choices=_choices("feature_loss"),
+                   help="hint (default: masked squared distance of the pooled features, ICCV) or adapted (L2 "
+                        "distance of a learned linear adaptation of each shallow feature to the deepest's, journal)")
+    g.add_argument("--feature-skip", choices=_choices("feature_skip"),
+                   help="exits without a feature term: none (default) or second-deepest (the journal code's, "
+                        "whose comment says it meant the shallowest)")
+    g.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.999 per step), evaluated per "
+                        "exit each epoch and saved beside the weights (default 0: off)")
     g = p.add_argument_group("output")
     g.add_argument("--print-freq", type=int, help=f"steps between log lines (default {D.print_freq})")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

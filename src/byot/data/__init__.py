@@ -73,7 +73,7 @@ def stratified_holdout(labels: list[int], fraction: float, seed: int) -> tuple[l
 def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: int | None, seed: int,
                device: torch.device, workers: int = 0, download: bool = False,
                eval_batch_size: int | None = None, skip_corrupt: bool = False,
-               val_split: float = 0.0, shard: Shard = ONE_PROCESS) -> DataBundle:
+               val_split: float = 0.0, shard: Shard = ONE_PROCESS, pad_fill: int = 0) -> DataBundle:
     """Load ``dataset`` and wrap both splits in epoch-wise batch iterators on ``device``.
 
     Image folders are scanned first: every file is decoded once, and unreadable ones stop the run
@@ -113,7 +113,7 @@ def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: 
         keep, held = _holdout(train.labels.tolist(), val_split, seed)
         train, held_out = train.subset(torch.tensor(keep)), train.subset(torch.tensor(held, dtype=torch.long))
         val = TensorBatches(held_out, eval_batch_size, False, seed, device, shard=shard)
-    return DataBundle(TensorBatches(train, batch_size, True, seed, device, shard=shard),
+    return DataBundle(TensorBatches(train, batch_size, True, seed, device, shard=shard, pad_fill=pad_fill),
                       TensorBatches(test, eval_batch_size, False, seed, device, shard=shard),
                       train.classes, train.images.shape[-1], mean, std,
                       _counts(train.labels.tolist(), len(train.classes)), val)

@@ -59,11 +59,11 @@ class TensorBatches:
     """
 
     def __init__(self, data: ImageSet, batch_size: int, train: bool, seed: int, device: torch.device,
-                 crop_padding: int = 4, shard: Shard = ONE_PROCESS) -> None:
+                 crop_padding: int = 4, shard: Shard = ONE_PROCESS, pad_fill: int = 0) -> None:
         self.images = data.images.to(device)  # (N, 3, H, W) uint8
         self.labels = data.labels.to(device)  # (N,)
         self.batch_size, self.train, self.seed, self.crop_padding = batch_size, train, seed, crop_padding
-        self.shard = shard
+        self.shard, self.pad_fill = shard, pad_fill  # pad_fill: the grey level of the crop's padding
         self.epoch = 0
 
     @property
@@ -93,5 +93,5 @@ class TensorBatches:
             images = self.images[idx]  # (B, 3, H, W) uint8
             if self.train:
                 images = apply_crop_flip(images, self.crop_padding, None if offsets is None else offsets[lo:hi],
-                                         flip[lo:hi])
+                                         flip[lo:hi], self.pad_fill)
             yield images, self.labels[idx]

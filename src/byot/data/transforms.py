@@ -24,12 +24,13 @@ def draw_crop_flip(batch: int, padding: int, generator: torch.Generator) -> tupl
 
 
 def apply_crop_flip(images: torch.Tensor, padding: int, offsets: torch.Tensor | None,
-                    flip: torch.Tensor) -> torch.Tensor:
-    """Crop each (C, H, W) image of ``images`` at its offset in the zero-padded image, then flip where asked."""
+                    flip: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    """Crop each (C, H, W) image of ``images`` at its offset in the image padded with ``fill`` (0 as the
+    reference; the journal code pads with grey 128), then flip where asked."""
     b, _, h, w = images.shape
     if offsets is not None:
         offsets = offsets.to(images.device)  # (B, 2)
-        padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H + 2p, W + 2p)
+        padded = F.pad(images, (padding, padding, padding, padding), value=fill)  # (B, C, H + 2p, W + 2p)
         rows = offsets[:, 0:1] + torch.arange(h, device=images.device)  # (B, H)
         cols = offsets[:, 1:2] + torch.arange(w, device=images.device)  # (B, W)
         batch = torch.arange(b, device=images.device)[:, None, None]

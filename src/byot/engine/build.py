@@ -14,6 +14,7 @@ from byot.config import (
     family_arguments,
 )
 from byot.data import NORMALIZATION, DataBundle, Shard, build_data
+from byot.data.augment import AugmentedBatches, AugmentSpec
 from byot.data.batches import ONE_PROCESS
 from byot.engine.runtime import (
     Runtime,
@@ -38,23 +39,49 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int, checkpoint:
         log.info("this checkpoint's attention exits were trained with byot 0.1's ReLU -> sigmoid mask: rebuilt "
                  "with it")
     exits = parse_exits(cfg.exits) if cfg.distill else False
-    return create_model(cfg.arch, num_classes, image_size, exits, cfg.head, legacy, **family_arguments(cfg))
+    model = create_model(cfg.arch, num_classes, image_size, exits, cfg.head, legacy, **family_arguments(cfg))
+    if cfg.distill and cfg.feature_loss == "adapted":
+        model.adapt_features(image_size, feature_skip(cfg, model.exit_stages))
+    return model
+
+
+def feature_skip(cfg: TrainConfig, exit_stages: list[int]) -> tuple[int, ...]:
+    """The exits ``--feature-skip`` leaves without a feature term ("second-deepest": the journal code's)."""
+    if cfg.feature_skip == "second-deepest" and len(exit_stages) >= 2:
+        return (exit_stages[-2],)
+    return ()
 
 
 
 def load_data(cfg: TrainConfig, device: torch.device, shard: Shard = ONE_PROCESS) -> DataBundle:
-    return build_data(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.image_size, cfg.seed, device,
+    """The data set's batches; the training ones with ``cfg``'s strong augmentation where it asks for any."""
+    data = build_data(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.image_size, cfg.seed, device,
                       cfg.workers, cfg.download, skip_corrupt=cfg.skip_corrupt, val_split=cfg.val_split,
-                      shard=shard)
+                      shard=shard, pad_fill=cfg.pad_fill)
+    spec = augment_spec(cfg)
+    if spec.active:
+        data.train = AugmentedBatches(data.train, spec, cfg.seed)
+    return data
+
+
+def augment_spec(cfg: TrainConfig) -> AugmentSpec:
+    """The augmentation ``cfg`` asks for: AutoAugment's CIFAR-10 policy on the 32 px data sets, its ImageNet
+    policy on image folders."""
+    return AugmentSpec(cfg.augment, "imagenet" if cfg.dataset == "imagefolder" else "cifar10", cfg.pad_fill,
+                       cfg.cutout, cfg.mixup, cfg.cutmix)
 
 
 
-def build_loss(cfg: TrainConfig, data: DataBundle, device: torch.device) -> SelfDistillLoss:
+def build_loss(cfg: TrainConfig, data: DataBundle, device: torch.device,
+               exit_stages: list[int] | None = None) -> SelfDistillLoss:
     weights = balanced_class_weights(data.train_counts, device) if cfg.class_weights == "balanced" else None
     # the plain backbone has one exit: no teacher, no KD, no hint, cross-entropy only
     if not cfg.distill:
-        return SelfDistillLoss(alpha=0.0, beta=0.0, temperature=cfg.temperature, class_weights=weights)
-    return SelfDistillLoss(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, class_weights=weights)
+        return SelfDistillLoss(alpha=0.0, beta=0.0, temperature=cfg.temperature, class_weights=weights,
+                               label_smoothing=cfg.label_smoothing)
+    return SelfDistillLoss(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, class_weights=weights,
+                           deepest_ce=cfg.deepest_ce, kd_t2=cfg.kd_t2, feature_loss=cfg.feature_loss,
+                           feature_skip=feature_skip(cfg, exit_stages or []), label_smoothing=cfg.label_smoothing)
 
 
 

@@ -142,7 +142,7 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = 
     forward = wrap_ddp(forward, ctx, device)
     model.grad_checkpoint = cfg.grad_checkpoint
     skipped = checkpoint.get("nonfinite_steps", 0) if checkpoint else 0
-    loss_fn = with_loss_faults(build_loss(cfg, data, device))  # the loss itself outside the fault-injection tests
+    loss_fn = with_loss_faults(build_loss(cfg, data, device, model.exit_stages))  # the loss itself outside the fault-injection tests
     return Session(cfg, data, model, forward, runtime, optimizer, scaler, loss_fn, skipped, ctx, normalization)
 
 

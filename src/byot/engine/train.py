@@ -15,11 +15,12 @@ from torch import nn
 
 from byot.config import CHOICES
 from byot.data import Batches
+from byot.data.augment import Targets, hard_labels
 from byot.engine.distributed import all_reduce_max, all_reduce_sum
 from byot.engine.faults import fault_point
 from byot.engine.runtime import Runtime
 from byot.errors import ByotError
-from byot.losses import SelfDistillLoss, term_kind
+from byot.losses import SelfDistillLoss, label_weight_sum, term_kind
 
 log = logging.getLogger("byot.train")
 
@@ -32,6 +33,9 @@ def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str, warmup: int = 
     """Learning rate for 0-based ``epoch``: a pure function of the config, so resume needs no state.
 
     "step": the reference's x0.1 at epochs 75, 130, 180 of 200, scaled to ``epochs``;
+    "journal": the journal code's /10 at epochs E // 3, 2E // 3 and E - 10 (as a set: a milestone met twice
+    divides once; E - 10 only where it falls after 2E // 3, so that a short run does not start at base / 10
+    as that code's would below 31 epochs; from 31 epochs on the two agree, 83 / 166 / 240 of 250);
     "cosine": half a cosine from ``base_lr`` to 0 over ``epochs``. ``warmup`` epochs first rise linearly
     (base / (warmup + 1), 2 base / (warmup + 1), ...), then the schedule runs over the epochs left.
     """
@@ -43,9 +47,17 @@ def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str, warmup: int = 
         epoch, epochs = epoch - warmup, max(1, epochs - warmup)
     if schedule == "cosine":
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if schedule == "journal":
+        return base_lr * 0.1 ** sum(epoch >= m for m in journal_milestones(epochs))
     # at least epoch 1: a short run never starts below the base rate
     milestones = [max(1, round(m * epochs / REFERENCE_EPOCHS)) for m in REFERENCE_MILESTONES]
     return base_lr * 0.1 ** sum(epoch >= m for m in milestones)
+
+
+def journal_milestones(epochs: int) -> list[int]:
+    """The epochs (0-based) at whose start the journal schedule divides the rate by 10."""
+    first, second = max(1, epochs // 3), max(1, 2 * epochs // 3)
+    return sorted({first, second, *([epochs - 10] if epochs - 10 > second else [])})
 
 
 class StepResult(NamedTuple):
@@ -53,7 +65,7 @@ class StepResult(NamedTuple):
     bad: torch.Tensor  # () bool: some loss was not finite, in any process; the update was skipped
 
 
-def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, torch.Tensor]],
+def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, Targets]],
                optimizer: torch.optim.Optimizer, loss_fn: SelfDistillLoss, runtime: Runtime,
                scaler: torch.amp.GradScaler, exit_ids: Sequence[int],
                keep_bn_on_nonfinite: bool = False, global_total: int | None = None,
@@ -99,7 +111,11 @@ class BatchWeights:
     means, so they are scaled by the batch's share of the step's images (for class-weighted label terms, of
     the step's summed class weights) times the number of processes (DistributedDataParallel averages the
     processes' gradients); the hint is a sum already and is scaled by the number of processes alone. The
-    accumulated, averaged gradient is then the one-process gradient of the whole step's images."""
+    accumulated, averaged gradient is then the one-process gradient of the whole step's images.
+
+    The journal's feature distance (a norm over the batch) does not split into parts: each part's norm is
+    scaled by the square root of its share, which equals the whole batch's norm where the parts' squared
+    distances are in proportion to their sizes (exact in one process without --accum-steps)."""
 
     def __init__(self, loss_fn: SelfDistillLoss, group: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  global_total: int | None, world_size: int) -> None:
@@ -109,14 +125,17 @@ class BatchWeights:
         self.weights = loss_fn.class_weights
         self.weight_total = None  # the step's summed class weights, over processes too
         if self.weights is not None and not self.exact:
-            self.weight_total = all_reduce_sum(sum(self.weights[t].sum() for _, t in group).detach().clone())
+            self.weight_total = all_reduce_sum(sum(label_weight_sum(self.weights, t) for _, t in group)
+                                               .detach().clone())
 
-    def __call__(self, terms: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, terms: dict[str, torch.Tensor], targets: Targets) -> torch.Tensor:
         if self.exact:
             return terms["loss"]
         share = self.world * len(targets) / self.total
-        ce_share = share if self.weight_total is None else self.world * self.weights[targets].sum() / self.weight_total
-        scale = {"ce": ce_share, "kd": share, "hint": self.world}
+        ce_share = share if self.weight_total is None else (
+            self.world * label_weight_sum(self.weights, targets) / self.weight_total)
+        scale = {"ce": ce_share, "kd": share, "hint": self.world,
+                 "feature": self.world * (len(targets) / self.total) ** 0.5}
         return self.loss_fn.total({n: v * scale[term_kind(n)] for n, v in terms.items() if n != "loss"})
 
 
@@ -297,7 +316,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
             images = sum(len(targets) for _, targets in group)
             step_sums = torch.where(bad, torch.zeros_like(values[0]), values.sum(dim=0))
             step_images = (~bad).float() * images  # a scalar operand: no host-to-device copy per step
-            hits = sum(torch.stack([(z.argmax(dim=1) == targets).sum() for z in logits])
+            hits = sum(torch.stack([(z.argmax(dim=1) == hard_labels(targets)).sum() for z in logits])
                        for (_, targets), (_, logits) in zip(group, results))
             acc.add(names, step_sums, step_images, hits, images)
         if bar is not None:
