@@ -161,3 +161,12 @@ class SelfDistillLoss:
         deepest = max((term_exit(name) for name in names if term_kind(name) == "ce"), default=0)
         parts = [self.term_weight(name, deepest) * terms[name] for name in names]
         return sum(parts[1:], parts[0])
+
+
+def describe_loss(loss: SelfDistillLoss) -> str:
+    """One line for the run log: each kind of term's weight."""
+    deepest = f"deepest {loss.deepest_ce:g}" if loss.deepest_ce is not None else "all"
+    kd = f"{loss.alpha:g} x T^2 = {loss.weights['kd']:g}" if loss.kd_t2 else f"{loss.alpha:g} (no T^2)"
+    skip = f", none for exit {', '.join(map(str, loss.feature_skip))}" if loss.feature_skip else ""
+    return (f"CE {1 - loss.alpha:g} ({deepest}), KD {kd} at T = {loss.temperature:g}, {loss.feature_loss} "
+            f"{loss.beta:g}{skip}" + (f", label smoothing {loss.label_smoothing:g}" if loss.label_smoothing else ""))

@@ -246,8 +246,10 @@ def _complement(ratio: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """torchvision's ``_blend`` with a (B,) ratio: ratio * images + (1 - ratio) * other, clamped, truncated."""
-    return (images.float() * _per_image(ratio) + other * _complement(ratio)).clamp_(0, 255).to(torch.uint8)
+    """torchvision's ``_blend`` with a (B,) ratio: ratio * images + (1 - ratio) * other, clamped, truncated;
+    the sum is one fused multiply-add, as torchvision's ``add_(other, alpha=...)`` computes it."""
+    scaled = images.float() * _per_image(ratio)
+    return torch.addcmul(scaled, other.expand_as(scaled), _complement(ratio)).clamp_(0, 255).to(torch.uint8)
 
 
 def _grey(images: torch.Tensor) -> torch.Tensor:
@@ -278,7 +280,7 @@ def sharpness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     out = images.float()
     blurred = F.conv2d(out, kernel, groups=c).round_()
     view = out[..., 1:-1, 1:-1]
-    view.add_(blurred.sub_(view) * _complement(factor))
+    view.addcmul_(blurred.sub_(view), _complement(factor))
     return out.clamp_(0, 255).to(torch.uint8)
 
 
@@ -368,7 +370,7 @@ def mix(images: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, lam: 
 def augment_batch(spec: AugmentSpec, images: torch.Tensor, labels: torch.Tensor,
                   draws: torch.Tensor) -> tuple[torch.Tensor, Targets]:
     """Apply a (part of a) ``Draw``'s packed rows (on the device) to uint8 ``images`` and their labels."""
-    s = (draws.shape[1] - 9) // 2
+    s = (draws.shape[1] - 7) // 2  # S operations and S magnitudes, then 7 columns (see Draw.packed)
     ops, magnitudes = draws[:, :s].long(), draws[:, s:2 * s]
     holes, order, lam = draws[:, 2 * s:2 * s + 2].long(), draws[:, 2 * s + 2], draws[:, 2 * s + 3]
     use_cutmix, boxes = draws[:, 2 * s + 4] > 0.5, draws[:, 2 * s + 5:2 * s + 7].long()

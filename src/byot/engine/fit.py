@@ -25,7 +25,9 @@ from byot.config import (
     save_yaml,
 )
 from byot.data import DataBundle
+from byot.data.augment import describe as describe_augment
 from byot.engine.build import (
+    augment_spec,
     build_loss,
     build_model,
     check_checkpoint_fits,
@@ -52,6 +54,7 @@ from byot.engine.distributed import (
     shutdown,
     wrap_ddp,
 )
+from byot.engine.ema import WeightAverage
 from byot.engine.evaluate import evaluate
 from byot.engine.faults import fault_point, with_loss_faults
 from byot.engine.rundir import BEST, LATEST, METRICS, PREVIOUS, TEST_RESULT, clear_run, run_lock
@@ -75,7 +78,7 @@ from byot.engine.runtime import (
 from byot.engine.signals import critical_section
 from byot.engine.train import NonFiniteGuard, lr_at, train_one_epoch
 from byot.errors import ByotError, describe_os_error
-from byot.losses import SelfDistillLoss
+from byot.losses import SelfDistillLoss, describe_loss
 from byot.models import MultiExitNet
 from byot.models.pretrained import describe_load, load_pretrained
 from byot.models.registry import spec_record
@@ -98,6 +101,7 @@ class Session:
     nonfinite_steps: int = 0  # optimizer steps skipped so far for a non-finite loss (--skip-nonfinite)
     ctx: DistContext = SINGLE  # this process's rank under torchrun
     normalization: list | None = None  # [mean, std] a checkpoint trained with, where not the data set's
+    ema: WeightAverage | None = None  # --ema: the average of the weights, evaluated beside them
 
     @property
     def eval_runtime(self) -> Runtime:
@@ -143,7 +147,23 @@ def build_session(cfg: TrainConfig, checkpoint: dict | None, ctx: DistContext = 
     model.grad_checkpoint = cfg.grad_checkpoint
     skipped = checkpoint.get("nonfinite_steps", 0) if checkpoint else 0
     loss_fn = with_loss_faults(build_loss(cfg, data, device, model.exit_stages))  # the loss itself outside the fault-injection tests
-    return Session(cfg, data, model, forward, runtime, optimizer, scaler, loss_fn, skipped, ctx, normalization)
+    return Session(cfg, data, model, forward, runtime, optimizer, scaler, loss_fn, skipped, ctx, normalization,
+                   _weight_average(cfg, model, checkpoint))
+
+
+def _weight_average(cfg: TrainConfig, model: MultiExitNet, checkpoint: dict | None) -> WeightAverage | None:
+    """--ema's average: the checkpoint's where it has one, else a new one from the weights as they are."""
+    if cfg.ema <= 0:
+        return None
+    ema = WeightAverage(model, cfg.ema)
+    if checkpoint is not None and checkpoint.get("ema") is not None:
+        try:
+            ema.load_state_dict(checkpoint["ema"])
+        except (KeyError, RuntimeError) as e:
+            raise ByotError(f"{cfg.resume or 'the checkpoint'}: its weight average does not fit the model ({e})") from e
+    elif checkpoint is not None:
+        log.info("the checkpoint holds no weight average: --ema %g starts one from its weights", cfg.ema)
+    return ema
 
 
 
@@ -276,13 +296,18 @@ def _run_epoch(s: Session, epoch: int) -> dict[str, Any]:
     s.data.train.set_epoch(epoch)
     guard = NonFiniteGuard(s.cfg.skip_nonfinite, s.cfg.lr, s.nonfinite_steps)
     stats = train_one_epoch(s.forward, s.data.train, s.optimizer, s.loss_fn, s.runtime, s.scaler,
-                            s.model.exit_stages, epoch, s.cfg.print_freq, s.cfg.progress, s.cfg.accum_steps, guard)
+                            s.model.exit_stages, epoch, s.cfg.print_freq, s.cfg.progress, s.cfg.accum_steps, guard,
+                            s.ema.update if s.ema is not None else None)
     s.nonfinite_steps = stats["nonfinite_steps"]
     split = "val" if s.data.val is not None else "test"
     held_out = s.data.val if s.data.val is not None else s.data.test  # (an empty split is refused when loading)
     result = evaluate(s.forward, held_out, s.eval_runtime, s.model.exit_stages)
+    averaged = {}
+    if s.ema is not None:
+        scored = evaluate(s.ema.module, held_out, s.eval_runtime, s.model.exit_stages)
+        averaged = {"ema": {"exits": scored["exits"], "ensemble": scored["ensemble"]}}
     return {"epoch": epoch + 1, "lr": lr, "losses": stats["losses"], "train_top1": stats["train_top1"],
-            "eval_split": split, "exits": result["exits"], "ensemble": result["ensemble"],
+            "eval_split": split, "exits": result["exits"], "ensemble": result["ensemble"], **averaged,
             "epoch_seconds": time.perf_counter() - start, "train_seconds": stats["seconds"],
             "train_images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
             "nonfinite_steps": s.nonfinite_steps}
@@ -323,6 +348,10 @@ def _final_test(s: Session, run_dir: Path) -> dict[str, Any]:
     load_model_state(s.model, best["model"], str(path))
     result = {"checkpoint": str(path), "epoch": best["epoch"], "precision": precision_name(s.eval_runtime),
               **evaluate(s.forward, s.data.test, s.eval_runtime, s.model.exit_stages)}
+    if s.ema is not None and best.get("ema") is not None:  # the average saved beside model_best's weights
+        s.ema.load_state_dict(best["ema"])
+        scored = evaluate(s.ema.module, s.data.test, s.eval_runtime, s.model.exit_stages)
+        result["ema"] = {"exits": scored["exits"], "ensemble": scored["ensemble"]}
     if s.ctx.is_main:
         write_text_atomic(run_dir / TEST_RESULT, json.dumps(result, indent=1) + "\n")
     exits = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in result["exits"])
@@ -339,7 +368,8 @@ def _checkpoint_state(s: Session, epoch: int, best: float) -> dict[str, Any]:
             "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
             "scaler": s.scaler.state_dict(), "model_spec": spec_record(s.model),
             **({"normalization": s.normalization} if s.normalization else {}),
-            "rng": rng_state(), "nonfinite_steps": s.nonfinite_steps, "world_size": s.ctx.world_size}
+            "rng": rng_state(), "nonfinite_steps": s.nonfinite_steps, "world_size": s.ctx.world_size,
+            **({"ema": s.ema.state_dict()} if s.ema is not None else {})}
 
 
 
@@ -354,6 +384,8 @@ def _log_start(s: Session, start_epoch: int, best: float) -> None:
              ",".join(map(str, model.exit_stages)), params / 1e6, s.runtime.device, _precisions(s), s.runtime.channels_last,
              cfg.compile, cfg.dataset, data.train.num_samples, data.test.num_samples, len(data.classes),
              data.image_size, cfg.run_dir)
+    log.info("recipe %s: augmentation %s; loss %s", cfg.recipe, describe_augment(augment_spec(cfg)),
+             describe_loss(s.loss_fn))
     counts = ", ".join(f"{name} {n}" for name, n in zip(data.classes, data.train_counts))
     log.info("training images per class: %s", counts if len(counts) < 2000 else counts[:2000] + " ...")
     if data.val is not None:
@@ -375,6 +407,10 @@ def _precisions(s: Session) -> str:
 def epoch_summary(record: dict[str, Any], epochs: int) -> str:
     """The one-line summary printed after each epoch."""
     exits = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in record["exits"])
+    averaged = ""
+    if "ema" in record:
+        ema = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in record["ema"]["exits"])
+        averaged = f" | EMA {ema} ensemble {record['ema']['ensemble']['top1']:.2f}"
     return (f"epoch {record['epoch']}/{epochs} lr {record['lr']:.4g} loss {record['losses'].get('loss', 0.0):.4f}"
-            f" | {record['eval_split']} top-1 {exits} ensemble {record['ensemble']['top1']:.2f}"
+            f" | {record['eval_split']} top-1 {exits} ensemble {record['ensemble']['top1']:.2f}{averaged}"
             f" | {record['train_images_per_s']:.0f} img/s, {record['epoch_seconds']:.1f} s")

@@ -7,7 +7,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -282,13 +282,14 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                     loss_fn: SelfDistillLoss, runtime: Runtime, scaler: torch.amp.GradScaler,
                     exit_ids: Sequence[int], epoch: int, print_freq: int = 10,
                     progress: bool = False, accum_steps: int = 1,
-                    guard: NonFiniteGuard | None = None) -> dict[str, Any]:
+                    guard: NonFiniteGuard | None = None,
+                    on_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train for one pass over ``batches``; returns mean loss terms, per-exit train top-1, timing.
 
     Running sums stay on the device (detached: no autograd graph outlives its step) and are read
     by the host only every ``print_freq`` steps and at the end (summed over processes there under
     torchrun). Steps with a non-finite loss term are left out of the sums and counted by ``guard``,
-    which stops the run past its allowance.
+    which stops the run past its allowance. ``on_step`` runs after every optimizer step (the weight average).
     """
     model.train()
     guard = guard or NonFiniteGuard(0, 0.0)
@@ -305,6 +306,8 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
         outcome = train_step(model, group, optimizer, loss_fn, runtime, scaler, exit_ids, keep_bn,
                              totals[step - 1], world)
         results = outcome.batches
+        if on_step is not None:
+            on_step()
         with torch.no_grad():
             names = [n for n in results[0][0] if n != "loss"]  # the total is rebuilt from the terms' means
             first = (step - 1) * accum_steps
