@@ -69,12 +69,17 @@ def test_test_json_schema(tmp_path, cifar100_small, capsys):
     assert "compute" in table and "100%" in table
 
 
-def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, cifar100_small):
+# the journal recipe with every per-image augmentation and the weight average: all of it resumes exactly
+STRONG = {"recipe": "journal", "mixup": 0.2, "cutmix": 1.0, "label_smoothing": 0.1, "ema": 0.9}
+
+
+@pytest.mark.parametrize("options", [{}, STRONG], ids=["iccv", "journal+mixup+cutmix+ema"])
+def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, cifar100_small, options):
     from byot.engine.fit import fit
     from byot.engine.resolve import resolve_config
 
     common = {"data_dir": str(cifar100_small), "width": 4, "batch_size": 64, "epochs": 3, "progress": False,
-              "seed": 7, "arch": "multi_resnet18_kd"}
+              "seed": 7, "arch": "multi_resnet18_kd", **options}
     cfg, _ = resolve_config({**common, "save_folder": str(tmp_path / "straight")})
     straight = fit(cfg)
     cfg, _ = resolve_config({**common, "save_folder": str(tmp_path / "stopped")})
@@ -84,6 +89,8 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, cifar100_small)
     resumed = metrics(tmp_path / "stopped" / "multi_resnet18_kd")
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
     assert without_timing(resumed) == without_timing(straight)
+    if options:
+        assert "ema" in resumed[-1] and "feature/exit1" in resumed[-1]["losses"]
 
 
 def test_no_distill_trains_the_plain_backbone(tmp_path, cifar100_small):

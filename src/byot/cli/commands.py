@@ -247,7 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ByotError("--steps must be at least 1 and --warmup at least 0")
     spec = BenchSpec(args.arch, args.device, args.batch_size, args.image_size, args.steps, args.warmup, args.amp,
                      args.channels_last, args.compile, args.width, head=args.head,
-                     model_options=tuple(args.model_options))
+                     model_options=tuple(args.model_options), augment=args.augment, cutout=args.cutout)
     if args.variants:
         rows = run_variants(spec)
         print(json.dumps(rows) if args.json else format_variants(rows))

@@ -22,6 +22,9 @@ def format_bench(r: dict) -> str:
     lines = [(f"{r['arch']} (width {r['width']}) on {r['device']}, batch {r['batch_size']}, {r['image_size']} px, "
               f"amp {r['amp']}, channels_last {r['channels_last']}, compile {r['compile']}"),
              f"training: {r['train_images_per_s']:.1f} images/s, peak memory {r['peak_memory_mb']:.0f} MB",
+             *([(f"training with --augment {r['augment']} --cutout {r['cutout']}: "
+                 f"{r['train_augmented_images_per_s']:.1f} images/s ({r['augment_cost'] * 100:+.1f}% time per step; "
+                 "medians of rounds alternating with plain crop/flip)")] if "augment" in r else []),
              f"{'exit':<6}{'infer img/s':>13}{'MFLOPs':>10}{'compute':>9}"]
     for e in r["exits"]:
         lines.append(f"{e['exit']:<6}{e['infer_images_per_s']:>13.1f}{e['flops'] / 1e6:>10.1f}"

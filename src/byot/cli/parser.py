@@ -90,6 +90,12 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head", choices=_choices("head"),
                    help="shallow classifiers: bottleneck (default; the ICCV 2019 paper's) or attention (the TPAMI "
                         "2021 journal version's: a sigmoid attention mask, then depthwise-separable conv blocks)")
+    g.add_argument("--feature-loss", choices=_choices("feature_loss"),
+                   help="the feature term: hint (default: masked squared distance of the pooled features, ICCV) or adapted (L2 "
+                        "distance of a learned linear adaptation of each shallow feature to the deepest's, journal)")
+    g.add_argument("--feature-skip", choices=_choices("feature_skip"),
+                   help="exits without a feature term: none (default) or second-deepest (the journal code's, "
+                        "whose comment says it meant the shallowest)")
     g.add_argument("--pretrained", nargs="?", const="imagenet", metavar="PATH",
                    help="start the backbone from a local weights file PATH (a torch state dict or .safetensors of "
                         "the torchvision ResNet, timm/ or tv/ model), or without PATH from the library's own "
@@ -168,12 +174,6 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="do not scale the KD term by T^2 (the journal code does not)")
     g.add_argument("--beta", "--feature-weight", dest="beta", type=float,
                    help=f"weight of the feature term (default {D.beta}, for the hint; journal: 0.03)")
-    g.add_argument("--feature-loss", choices=_choices("feature_loss"),
-                   help="hint (default: masked squared distance of the pooled features, ICCV) or adapted (L2 "
-                        "distance of a learned linear adaptation of each shallow feature to the deepest's, journal)")
-    g.add_argument("--feature-skip", choices=_choices("feature_skip"),
-                   help="exits without a feature term: none (default) or second-deepest (the journal code's, "
-                        "whose comment says it meant the shallowest)")
     g.add_argument("--ema", type=float, metavar="DECAY",
                    help="keep an exponential moving average of the weights (e.g. 0.999 per step), evaluated per "
                         "exit each epoch and saved beside the weights (default 0: off)")
@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--amp", choices=_choices("amp"), default="auto")
     bench.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     bench.add_argument("--compile", action="store_true")
+    bench.add_argument("--augment", choices=_choices("augment"), default="none",
+                       help="also time training with this per-image augmentation, in rounds alternating with "
+                            "plain crop/flip (the cost as a ratio within one run)")
+    bench.add_argument("--cutout", type=int, default=0, metavar="PX", help="... and this Cutout (with --augment)")
     bench.add_argument("--variants", action="store_true",
                        help="fp32 eager, + channels_last, + autocast, + compile, each with its ratio to the first")
     bench.add_argument("--json", action="store_true", help="print one JSON object (a list with --variants)")

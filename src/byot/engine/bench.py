@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from byot.data import NORMALIZATION
+from byot.data import NORMALIZATION, Batches
+from byot.data.augment import AugmentedBatches, AugmentSpec
 from byot.data.batches import TensorBatches
 from byot.data.images import ImageSet
 from byot.engine.cost import exit_costs
@@ -44,6 +45,8 @@ class BenchSpec:
     head: str = "bottleneck"  # shallow classifiers
     model_options: tuple = ()  # the family's other options, (key, value) pairs
     rounds: int = 3  # library models: alternating timed rounds of the library's forward and byot's
+    augment: str = "none"  # training also timed with this per-image augmentation (--augment), alternating
+    cutout: int = 0  # ... and this Cutout (--cutout)
 
 
 def _sync(device: torch.device) -> None:
@@ -57,17 +60,23 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _synthetic_batches(spec: BenchSpec, device: torch.device) -> TensorBatches:
+def _synthetic_batches(spec: BenchSpec, device: torch.device, augment: AugmentSpec | None = None) -> Batches:
     g = torch.Generator().manual_seed(0)
     n = spec.batch_size * 2
     images = torch.randint(0, 256, (n, 3, spec.image_size, spec.image_size), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, spec.num_classes, (n,), generator=g)
     data = ImageSet(images, labels, [str(i) for i in range(spec.num_classes)])
-    return TensorBatches(data, spec.batch_size, True, seed=0, device=device)
+    batches = TensorBatches(data, spec.batch_size, True, seed=0, device=device)
+    return AugmentedBatches(batches, augment, seed=0) if augment is not None and augment.active else batches
 
 
-def _time_training(model: MultiExitNet, forward: torch.nn.Module, spec: BenchSpec, runtime: Runtime) -> float:
-    batches = _synthetic_batches(spec, runtime.device)
+def _augment_spec(spec: BenchSpec) -> AugmentSpec:
+    return AugmentSpec(spec.augment, "cifar10" if spec.image_size <= 32 else "imagenet", 128, spec.cutout)
+
+
+def _time_training(model: MultiExitNet, forward: torch.nn.Module, spec: BenchSpec, runtime: Runtime,
+                   augment: AugmentSpec | None = None) -> float:
+    batches = _synthetic_batches(spec, runtime.device, augment)
     optimizer = build_optimizer(model, 0.01, 0.9, 5e-4)
     scaler, loss_fn = runtime.grad_scaler(), SelfDistillLoss()
     model.train()
@@ -123,12 +132,22 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         example = torch.zeros(2, 3, spec.image_size, spec.image_size, dtype=torch.uint8, device=device)
         forward = compile_model(model, example, runtime)
     train_ips = _time_training(model, forward, spec, runtime)
+    augmented = {}
+    if _augment_spec(spec).active:  # alternating rounds with and without: the ratio within one run
+        plain, strong = [train_ips], []
+        for i in range(spec.rounds):
+            strong.append(_time_training(model, forward, spec, runtime, _augment_spec(spec)))
+            if i < spec.rounds - 1:
+                plain.append(_time_training(model, forward, spec, runtime))
+        train_ips, with_aug = sorted(plain)[len(plain) // 2], sorted(strong)[len(strong) // 2]
+        augmented = {"augment": spec.augment, "cutout": spec.cutout, "train_augmented_images_per_s": with_aug,
+                     "augment_cost": train_ips / with_aug - 1.0}
     exits = [{"exit": c["exit"], "infer_images_per_s": _time_inference(forward, model, spec, runtime, c["exit"]),
               "flops": c["flops"]} for c in costs]
     library = _library_check(spec, options, runtime) if isinstance(model, LibraryNet) else None
     return {**({"library_check": library} if library else {}),"arch": spec.arch, "device": str(device), "batch_size": spec.batch_size, "image_size": spec.image_size,
             "amp": runtime.amp, "channels_last": runtime.channels_last, "compile": spec.compile,
-            "train_images_per_s": train_ips, "peak_memory_mb": _peak_memory_mb(device), "exits": exits,
+            "train_images_per_s": train_ips, **augmented, "peak_memory_mb": _peak_memory_mb(device), "exits": exits,
             "width": getattr(model.spec, "width", spec.width), "head": spec.head, "model_options": dict(spec.model_options),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
