@@ -94,3 +94,12 @@ def test_the_journal_recipe_end_to_end_on_an_image_folder(cifar10_jpg, tmp_path,
     assert main(["test", "multi_resnet18_kd", "--dataset", "imagefolder", "--data-dir", str(cifar10_jpg), "--resume", best,
                  "--feature-loss", "hint"]) == 2
     assert "--feature-loss 'hint'" in capsys.readouterr().err
+
+
+def test_the_shipped_journal_config_is_the_journal_recipe():
+    from pathlib import Path
+
+    from byot.config import load_yaml
+
+    shipped = build_config({}, load_yaml(Path(__file__).parents[1] / "configs" / "multi_resnet18_kd_journal_cifar100.yaml"))
+    assert shipped == build_config({}, {"recipe": "journal", "width": 64})
