@@ -57,6 +57,18 @@ def test_two_processes_take_the_steps_one_process_takes(runs):
     assert two[:5] == pytest.approx(one[:5], abs=5e-4)
 
 
+def test_per_image_augmentation_and_adaptation_layers_take_the_same_steps_on_two_processes(tmp_path):
+    # the journal recipe's AutoAugment, Cutout and grey padding are drawn for the global batch and applied to
+    # each process's part; its adaptation layers train under DistributedDataParallel (beta 0: the feature
+    # distance of a part is not a part of the whole batch's, so the step losses compare exactly without it)
+    extra = ("--epochs", "1", "--recipe", "journal", "--beta", "0", "--lr", "0.01")
+    train(tmp_path / "one", *extra)
+    train(tmp_path / "two", *extra, processes=2)
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert len(one) == len(two) == 18
+    assert two[:5] == pytest.approx(one[:5], abs=5e-4)
+
+
 def test_only_rank_0_writes(runs):
     run = runs["two"] / ARCH
     assert len(list(run.glob("events.out.tfevents*"))) == 1

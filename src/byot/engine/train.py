@@ -345,9 +345,10 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
 def _weighted(terms: dict[str, torch.Tensor], names: list[str], images: int, global_images: int) -> torch.Tensor:
     """(T,) loss terms weighted for an image-weighted epoch mean: label and KD terms are means over this
     process's ``images``; the hint is a sum over the global batch, which every process's part adds up to,
-    so its parts are weighted by the global batch's size (the same thing in one process)."""
-    return torch.stack([terms[n].detach().float() * (global_images if n.startswith("hint/") else images)
-                        for n in names])
+    so its parts are weighted by the global batch's size (the same thing in one process); the journal's
+    feature distance, a norm over the part, is scaled to the global batch as ``BatchWeights`` scales it."""
+    scale = {"hint": float(global_images), "feature": images * (global_images / images) ** 0.5}
+    return torch.stack([terms[n].detach().float() * scale.get(term_kind(n), float(images)) for n in names])
 
 
 def _total(loss_fn: SelfDistillLoss, names: list[str], means: list[float]) -> float:
