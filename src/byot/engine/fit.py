@@ -357,6 +357,10 @@ def _final_test(s: Session, run_dir: Path) -> dict[str, Any]:
     exits = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in result["exits"])
     log.info("test split, evaluated once with model_best (epoch %d, selected on validation): top-1 %s "
              "ensemble %.2f", best["epoch"], exits, result["ensemble"]["top1"])
+    if "ema" in result:
+        averaged = " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in result["ema"]["exits"])
+        log.info("... and its weight average (--ema): top-1 %s ensemble %.2f", averaged,
+                 result["ema"]["ensemble"]["top1"])
     return result
 
 
