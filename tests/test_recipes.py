@@ -101,5 +101,33 @@ def test_the_shipped_journal_config_is_the_journal_recipe():
 
     from byot.config import load_yaml
 
-    shipped = build_config({}, load_yaml(Path(__file__).parents[1] / "configs" / "multi_resnet18_kd_journal_cifar100.yaml"))
-    assert shipped == build_config({}, {"recipe": "journal", "width": 64})
+    written = load_yaml(Path(__file__).parents[1] / "configs" / "multi_resnet18_kd_journal_cifar100.yaml")
+    assert {k: written[k] for k in JOURNAL_RECIPE if k in written} == JOURNAL_RECIPE  # every value written out
+    assert build_config({}, written) == build_config({}, {"recipe": "journal", "width": 64})
+
+
+def test_a_skipped_exit_keeps_no_adaptation_a_loss_term_would_not_train():
+    # timm's MobileNetV3 widens 288 -> 1024 in its own head: its shallow heads adapt their features; with the
+    # journal's skip, exit 3's head has none (under torchrun a parameter without a gradient stalls DDP)
+    cfg = build_config({}, {"arch": "timm/mobilenetv3_small_050", "dataset": "digits", "feature_skip": "second-deepest"})
+    model = build_model(cfg, 10, 32)
+    assert [isinstance(h, AdaptedHead) for h in model.heads] == [True, True, False, False]
+    out = model(torch.zeros(2, 3, 32, 32))
+    assert [f.shape[1] for f in out.features] == [1024, 1024, 288, 1024]
+
+
+def test_a_resume_keeps_the_recipe_it_was_trained_with(digits_checkpoint, capsys):
+    assert main(["train", "multi_resnet18_kd", "--resume", str(digits_checkpoint), "--recipe", "journal",
+                 "--epochs", "3", "--no-progress"]) == 2
+    assert "trained with --recipe iccv; a resume continues its recipe" in capsys.readouterr().err
+
+
+def test_a_sweep_redoes_a_run_whose_feature_skip_differs(tmp_path):
+    from byot.config import save_yaml
+    from byot.sweep import config_changes
+
+    stored = build_config({}, {"dataset": "digits"})
+    save_yaml(stored, tmp_path / "config.yaml")
+    assert config_changes(stored, tmp_path) == []
+    changes = config_changes(build_config({}, {"dataset": "digits", "feature_skip": "second-deepest"}), tmp_path)
+    assert changes and "feature_skip" in changes[0]

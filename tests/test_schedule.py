@@ -35,8 +35,8 @@ def _journal_code_rates(base: float, epochs: int) -> list[float]:
     return rates
 
 
-@pytest.mark.parametrize("epochs", [31, 40, 100, 250])
-def test_the_journal_schedule_is_its_code_from_31_epochs_on(epochs):
+@pytest.mark.parametrize("epochs", [11, 12, 20, 29, 30, 31, 40, 100, 250])
+def test_the_journal_schedule_is_its_code_from_11_epochs_on(epochs):
     want = _journal_code_rates(0.1, epochs)
     assert [lr_at(e, 0.1, epochs, "journal") for e in range(epochs)] == pytest.approx(want)
 

@@ -352,9 +352,9 @@ def model_identity(cfg: TrainConfig, image_size: int | None = None) -> dict[str,
     identity["exits"] = _exit_stages(cfg.arch, spec, parse_exits(cfg.exits), size) if cfg.distill else ()
     identity.update(distill=cfg.distill, head=cfg.head if cfg.distill else None, dataset=cfg.dataset,
                     image_size=cfg.image_size or image_size)
-    adapted = cfg.distill and cfg.feature_loss == "adapted"  # adaptation layers: weights of their own
+    # adaptation layers are weights of their own, and a skipped exit has none
     identity.update(feature_loss=cfg.feature_loss if cfg.distill else None,
-                    feature_skip=cfg.feature_skip if adapted else None)
+                    feature_skip=cfg.feature_skip if cfg.distill else None)
     return identity
 
 

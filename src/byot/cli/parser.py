@@ -170,8 +170,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, help=f"KD weight; the shallow exits' labels get 1 - alpha (default {D.alpha})")
     g.add_argument("--deepest-ce", type=float, metavar="WEIGHT",
                    help="the deepest exit's label weight (default: 1 - alpha, as the shallow exits'; journal: 1)")
-    g.add_argument("--no-kd-t2", dest="kd_t2", action="store_false",
-                   help="do not scale the KD term by T^2 (the journal code does not)")
+    g.add_argument("--kd-t2", dest="kd_t2", action=argparse.BooleanOptionalAction,
+                   help="scale the KD term by T^2 (default; --no-kd-t2: the journal code does not)")
     g.add_argument("--beta", "--feature-weight", dest="beta", type=float,
                    help=f"weight of the feature term (default {D.beta}, for the hint; journal: 0.03)")
     g.add_argument("--ema", type=float, metavar="DECAY",

@@ -10,8 +10,10 @@ torchvision's tensor kernel computes for one image (the tests compare them image
 ones (equalize, autocontrast, invert) are torchvision's own batched kernels.
 
 Every random number comes from a CPU generator seeded by (seed, epoch), drawn for the whole global batch
-and sliced to this process's part, so an epoch is the same after a resume and on 1 or N processes. The draws
-go to the device in one copy per batch (from pinned memory on a GPU): no host synchronisation.
+and sliced to this process's part, so an epoch is the same after a resume and, but for the mixing partners
+(paired within each process's part), on 1 or N processes. The draws go to the device in one copy per batch
+(from pinned memory on a GPU); on the device nothing waits for the host: no operation branches on data, and
+no constant is copied from the host.
 """
 
 from __future__ import annotations
@@ -227,7 +229,9 @@ def warp(images: torch.Tensor, theta: torch.Tensor, fill: int) -> torch.Tensor:
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
     base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device).unsqueeze_(-1))
     base[..., 2].fill_(1)
-    scaled = theta.float().transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=device)  # (B, 3, 2)
+    scaled = theta.float().transpose(1, 2).clone()  # (B, 3, 2); scaled by Python numbers: no host-to-device copy
+    scaled[..., 0] /= 0.5 * w
+    scaled[..., 1] /= 0.5 * h
     grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(scaled).view(b, h, w, 2)
     x = torch.cat([images.float(), torch.ones(b, 1, h, w, device=device)], dim=1)
     x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
@@ -275,8 +279,9 @@ def sharpness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     c = images.shape[1]
     if images.shape[-1] <= 2 or images.shape[-2] <= 2:
         return images
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device).expand(c, 1, 3, 3)
+    kernel = torch.full((3, 3), 1.0 / 13.0, device=images.device)  # made on the device: no host-to-device copy
+    kernel[1, 1] = 5.0 / 13.0
+    kernel = kernel.expand(c, 1, 3, 3)
     out = images.float()
     blurred = F.conv2d(out, kernel, groups=c).round_()
     view = out[..., 1:-1, 1:-1]

@@ -40,8 +40,9 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int, checkpoint:
                  "with it")
     exits = parse_exits(cfg.exits) if cfg.distill else False
     model = create_model(cfg.arch, num_classes, image_size, exits, cfg.head, legacy, **family_arguments(cfg))
-    if cfg.distill and cfg.feature_loss == "adapted":
-        model.adapt_features(image_size, feature_skip(cfg, model.exit_stages))
+    skip = feature_skip(cfg, model.exit_stages) if cfg.distill else ()
+    if cfg.distill and (cfg.feature_loss == "adapted" or skip):
+        model.adapt_features(image_size, skip, adapt=cfg.feature_loss == "adapted")
     return model
 
 
@@ -73,7 +74,8 @@ def augment_spec(cfg: TrainConfig) -> AugmentSpec:
 
 
 def build_loss(cfg: TrainConfig, data: DataBundle, device: torch.device,
-               exit_stages: list[int] | None = None) -> SelfDistillLoss:
+               exit_stages: list[int]) -> SelfDistillLoss:
+    """The loss ``cfg`` asks for, for a model whose heads read the stages ``exit_stages``."""
     weights = balanced_class_weights(data.train_counts, device) if cfg.class_weights == "balanced" else None
     # the plain backbone has one exit: no teacher, no KD, no hint, cross-entropy only
     if not cfg.distill:
@@ -81,7 +83,7 @@ def build_loss(cfg: TrainConfig, data: DataBundle, device: torch.device,
                                label_smoothing=cfg.label_smoothing)
     return SelfDistillLoss(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, class_weights=weights,
                            deepest_ce=cfg.deepest_ce, kd_t2=cfg.kd_t2, feature_loss=cfg.feature_loss,
-                           feature_skip=feature_skip(cfg, exit_stages or []), label_smoothing=cfg.label_smoothing)
+                           feature_skip=feature_skip(cfg, exit_stages), label_smoothing=cfg.label_smoothing)
 
 
 

@@ -29,11 +29,18 @@ class WeightAverage:
         self.others = [(a, b) for a, b in pairs if not a.is_floating_point()]
 
     @torch.no_grad()
-    def update(self) -> None:
-        if self.floats:
-            torch._foreach_lerp_([a for a, _ in self.floats], [b for _, b in self.floats], 1.0 - self.decay)
+    def update(self, skipped: torch.Tensor | None = None) -> None:
+        """One step of the average; ``skipped`` (a () bool on the device: the step's update was skipped for a
+        non-finite loss) leaves it as it is, without reading the flag on the host."""
+        ours, theirs = [a for a, _ in self.floats], [b for _, b in self.floats]
+        if skipped is None:
+            torch._foreach_lerp_(ours, theirs, 1.0 - self.decay)
+        elif ours:
+            steps = torch._foreach_sub(theirs, ours)
+            torch._foreach_mul_(steps, (~skipped).float() * (1.0 - self.decay))
+            torch._foreach_add_(ours, steps)
         for a, b in self.others:
-            a.copy_(b)
+            a.copy_(torch.where(skipped, a, b) if skipped is not None else b)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

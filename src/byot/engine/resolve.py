@@ -38,6 +38,9 @@ def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tup
         raise ByotError(f"{source} was trained with other model options: --arch {explicit['arch']!r} (checkpoint: "
                         f"{saved.get('arch')!r}); drop these flags (the model is rebuilt from the checkpoint) or "
                         "start a new run")
+    if explicit.get("recipe") not in (None, saved.get("recipe", "iccv")):
+        raise ByotError(f"{source} was trained with --recipe {saved.get('recipe', 'iccv')}; a resume continues its "
+                        f"recipe: drop --recipe {explicit['recipe']}, or start a new run with it")
     # None meant "the data set's own size": a given --image-size is compared with the size it became
     check_same_model(build_config({}, saved), build_config(saved, explicit), source, checkpoint.get("image_size"))
     saved.pop("device", None)  # where it ran before says nothing about where it runs now

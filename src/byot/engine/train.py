@@ -33,9 +33,10 @@ def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str, warmup: int = 
     """Learning rate for 0-based ``epoch``: a pure function of the config, so resume needs no state.
 
     "step": the reference's x0.1 at epochs 75, 130, 180 of 200, scaled to ``epochs``;
-    "journal": the journal code's /10 at epochs E // 3, 2E // 3 and E - 10 (as a set: a milestone met twice
-    divides once; E - 10 only where it falls after 2E // 3, so that a short run does not start at base / 10
-    as that code's would below 31 epochs; from 31 epochs on the two agree, 83 / 166 / 240 of 250);
+    "journal": the journal code's /10 at epochs E // 3, 2E // 3 and E - 10 (83 / 166 / 240 of 250; as a set:
+    a milestone met twice divides once), except that no milestone falls on epoch 0: that code starts a
+    10-epoch run at base / 10 (E - 10 = 0) and a 1- or 2-epoch one too (E // 3 = 0); from 11 epochs on the
+    two agree;
     "cosine": half a cosine from ``base_lr`` to 0 over ``epochs``. ``warmup`` epochs first rise linearly
     (base / (warmup + 1), 2 base / (warmup + 1), ...), then the schedule runs over the epochs left.
     """
@@ -56,8 +57,7 @@ def lr_at(epoch: int, base_lr: float, epochs: int, schedule: str, warmup: int = 
 
 def journal_milestones(epochs: int) -> list[int]:
     """The epochs (0-based) at whose start the journal schedule divides the rate by 10."""
-    first, second = max(1, epochs // 3), max(1, 2 * epochs // 3)
-    return sorted({first, second, *([epochs - 10] if epochs - 10 > second else [])})
+    return sorted({max(1, epochs // 3), max(1, 2 * epochs // 3), *([epochs - 10] if epochs > 10 else [])})
 
 
 class StepResult(NamedTuple):
@@ -283,13 +283,14 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                     exit_ids: Sequence[int], epoch: int, print_freq: int = 10,
                     progress: bool = False, accum_steps: int = 1,
                     guard: NonFiniteGuard | None = None,
-                    on_step: Callable[[], None] | None = None) -> dict[str, Any]:
+                    on_step: Callable[[torch.Tensor], None] | None = None) -> dict[str, Any]:
     """Train for one pass over ``batches``; returns mean loss terms, per-exit train top-1, timing.
 
     Running sums stay on the device (detached: no autograd graph outlives its step) and are read
     by the host only every ``print_freq`` steps and at the end (summed over processes there under
     torchrun). Steps with a non-finite loss term are left out of the sums and counted by ``guard``,
-    which stops the run past its allowance. ``on_step`` runs after every optimizer step (the weight average).
+    which stops the run past its allowance. ``on_step(bad)`` runs after every optimizer step with its () bool
+    verdict (the weight average, which leaves out a skipped step).
     """
     model.train()
     guard = guard or NonFiniteGuard(0, 0.0)
@@ -307,7 +308,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                              totals[step - 1], world)
         results = outcome.batches
         if on_step is not None:
-            on_step()
+            on_step(outcome.bad)
         with torch.no_grad():
             names = [n for n in results[0][0] if n != "loss"]  # the total is rebuilt from the terms' means
             first = (step - 1) * accum_steps

@@ -206,14 +206,18 @@ class MultiExitNet(nn.Module):
         self.exit_stages = [*exits, len(self.stages)]  # the stage each head reads, shallow to deep
         self.grad_checkpoint = False  # recompute each stage's activations in backward (saves memory)
 
-    def adapt_features(self, image_size: int, skip: Sequence[int] = ()) -> None:
-        """Give every shallow head whose exit is not in ``skip`` (exit numbers) a learned linear map of its
-        pooled feature to the deepest head's width (the journal version's adaptation layers, which its
-        feature distance reads); a head that already adapts its feature keeps its map."""
+    def adapt_features(self, image_size: int, skip: Sequence[int] = (), adapt: bool = True) -> None:
+        """Set which shallow heads map their pooled feature to the deepest's width: with ``adapt`` every one
+        whose exit is not in ``skip`` (exit numbers) gets a learned linear map (the journal version's
+        adaptation layers, which its feature distance reads); the heads of ``skip``, which no feature term
+        reads, lose any map (a parameter that never gets a gradient stalls DistributedDataParallel)."""
         widths = feature_widths(self, image_size, self.exit_stages)
         for i, stage in enumerate(self.exit_stages[:-1]):
-            if stage not in skip and not isinstance(self.heads[i], AdaptedHead):
-                self.heads[i] = AdaptedHead(self.heads[i], widths[i], widths[-1])
+            head = self.heads[i]
+            if stage in skip and isinstance(head, AdaptedHead):
+                self.heads[i] = head.head
+            elif adapt and stage not in skip and not isinstance(head, AdaptedHead):
+                self.heads[i] = AdaptedHead(head, widths[i], widths[-1])
 
     @property
     def num_exits(self) -> int:
