@@ -131,3 +131,15 @@ def test_a_sweep_redoes_a_run_whose_feature_skip_differs(tmp_path):
     assert config_changes(stored, tmp_path) == []
     changes = config_changes(build_config({}, {"dataset": "digits", "feature_skip": "second-deepest"}), tmp_path)
     assert changes and "feature_skip" in changes[0]
+
+
+def test_bench_times_training_with_and_without_the_augmentation(capsys):
+    args = ["bench", "multi_resnet18_kd", "--width", "8", "--batch-size", "8", "--steps", "1", "--warmup", "1",
+            "--augment", "autoaugment", "--cutout", "16"]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["augment"] == "autoaugment" and result["cutout"] == 16
+    assert result["train_augmented_images_per_s"] > 0
+    assert result["augment_cost"] == pytest.approx(result["train_images_per_s"] / result["train_augmented_images_per_s"] - 1)
+    assert main(args) == 0
+    assert "training with --augment autoaugment --cutout 16:" in capsys.readouterr().out
