@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import metrics
 
-import byot.sweep as sweep_module
+import byot.engine.children as children_module
 from byot.cli import main
 from byot.config import TrainConfig, build_config, save_yaml
 from byot.errors import ByotError
@@ -308,7 +308,7 @@ def stubborn_child(tmp_path: Path) -> list[str]:
 
 
 def test_a_child_that_does_not_stop_is_killed_after_the_grace_time(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_module, "CHILD_STOP_SECONDS", 1.0)
+    monkeypatch.setattr(children_module, "CHILD_STOP_SECONDS", 1.0)
     _signal_when(tmp_path / "pid", signal.SIGTERM)
     start = time.monotonic()
     with pytest.raises(SystemExit) as stopped:
@@ -320,7 +320,7 @@ def test_a_child_that_does_not_stop_is_killed_after_the_grace_time(tmp_path, mon
 
 
 def test_a_second_signal_kills_the_child_at_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_module, "CHILD_STOP_SECONDS", 60.0)
+    monkeypatch.setattr(children_module, "CHILD_STOP_SECONDS", 60.0)
     _signal_when(tmp_path / "pid", signal.SIGINT, then=tmp_path / "got")  # the second after the first arrived
     start = time.monotonic()
     with pytest.raises(SystemExit) as stopped:

@@ -28,7 +28,8 @@ scratch (``byot train --overwrite``), never resumed: continuing it with other op
 included, which moves the step schedule's milestones) would mix two configurations in one result.
 
 SIGINT and SIGTERM while a run trains are forwarded to it once; the sweep waits for it to save and stop
-(at most ``CHILD_STOP_SECONDS``, then kills it) and exits 130 / 143; rerunning the sweep continues.
+(at most ``byot.engine.children.CHILD_STOP_SECONDS``, then kills it) and exits 130 / 143; rerunning the
+sweep continues.
 """
 
 from __future__ import annotations
@@ -36,17 +37,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import yaml
@@ -61,16 +58,15 @@ from byot.config import (
     model_identity,
 )
 from byot.engine.checkpoint import write_text_atomic
+from byot.engine.children import ChildStopper, StoppedBySignal, appended_log, start_child
 from byot.engine.rundir import LATEST, PREVIOUS, run_files
 from byot.engine.runfiles import read_metrics, read_test_result
-from byot.engine.signals import HANDLED, STOP_WITH_PARENT
 from byot.errors import ByotError, describe_os_error
 
 log = logging.getLogger("byot")
 
 RESULT_FILES = ("results.json", "results.md")
 OPTIONS_FILE = "sweep_options.yaml"  # in each run root: the --config its byot train child reads
-CHILD_STOP_SECONDS = 60.0  # after a first signal, how long a run may take to save and stop before it is killed
 # TrainConfig fields that change neither what a run learns nor what it measures: a stored run that differs
 # from its row only in these is kept. save_folder: the runs may have moved with the sweep's --runs-dir.
 UNCOMPARED = ("resume", "progress", "print_freq", "workers", "device", "save_folder", "download")
@@ -365,89 +361,16 @@ def _train(row: str, seed: int, wanted: TrainConfig, command: list[str], root: P
 
 # --- one child process, and the signals that stop it ---------------------------------------------------
 
-class SweepInterrupted(SystemExit):
-    """SIGINT or SIGTERM stopped the sweep. A SystemExit whose code is the shell's 128 + signal number
-    (130, 143), so that the process exits with it whether or not a caller catches it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(128 + signum)
-        self.signum = signum
-
-
-class _ChildStopper:
-    """SIGINT and SIGTERM handlers for as long as one child runs: the first signal is forwarded to the
-    child once, which then has ``CHILD_STOP_SECONDS`` to save its epoch and stop; a second signal, or the
-    end of that time, kills the child's whole process group (its DataLoader workers too)."""
-
-    def __init__(self) -> None:
-        self.received: list[int] = []
-        self.proc: subprocess.Popen | None = None
-        self.deadline = math.inf
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            self.previous = {s: signal.signal(s, self._on_signal) for s in HANDLED}
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        if self.proc is not None and self.proc.poll() is None:  # an error in the sweep: no orphan either
-            self._kill()
-            self.proc.wait()
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.received.append(signum)
-        self._act()
-
-    def _act(self) -> None:
-        if self.proc is None or not self.received:
-            return  # the child is not started yet: watch() acts on what came
-        if len(self.received) == 1 and self.deadline == math.inf:
-            self.deadline = time.monotonic() + CHILD_STOP_SECONDS
-            self.proc.send_signal(self.received[0])
-        elif len(self.received) > 1:
-            self._kill()
-
-    def _kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the child leads its own process group
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def watch(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self._act()
-
-    def wait(self) -> int:
-        assert self.proc is not None
-        while True:
-            try:
-                return self.proc.wait(timeout=0.2)  # short: notice the deadline of a signal that came
-            except subprocess.TimeoutExpired:
-                if time.monotonic() > self.deadline:
-                    log.warning("the run did not stop within %.0f s of the signal; killing it", CHILD_STOP_SECONDS)
-                    self._kill()
-                    self.deadline = math.inf  # the kill is sent once; wait for it to take effect
+SweepInterrupted = StoppedBySignal  # SIGINT or SIGTERM stopped the sweep (exit code 130 / 143)
 
 
 def _run_child(command: list[str], log_path: Path) -> int:
     """Run ``command`` with its output appended to ``log_path``; its exit code. A signal to the sweep
-    stops the child first, then raises SweepInterrupted."""
-    with open(log_path, "a") as logfile:
-        logfile.write(f"\n$ {' '.join(command)}\n")
-        logfile.flush()
-        stopper = _ChildStopper()
-        with stopper:
-            # its own session: a terminal's Ctrl-C, sent to the foreground process group, reaches the sweep
-            # alone, which forwards it once; the child never gets two signals from one keypress
-            # and it stops (SIGTERM: saving its epoch) if the sweep dies without forwarding (kill -9, SIGHUP)
-            env = {**os.environ, STOP_WITH_PARENT: str(os.getpid())}
-            proc = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=env)
-            stopper.watch(proc)
-            code = stopper.wait()
+    stops the child first (``byot.engine.children``), then raises SweepInterrupted."""
+    with appended_log(log_path, command) as logfile, ChildStopper() as stopper:
+        proc = start_child(command, logfile)
+        stopper.watch(proc)
+        code = stopper.wait(proc)
     if stopper.received:
         name = signal.Signals(stopper.received[0]).name
         log.warning("byot sweep: interrupted (%s); the run in progress stopped at its last saved epoch; "
