@@ -36,6 +36,7 @@ class TrainConfig:
     download: bool = False  # fetch CIFAR with torchvision's downloader (needs internet)
     image_size: int | None = None  # px; None: 32 for CIFAR, 224 for image folders
     val_split: float = 0.0  # share of each training class held out to select checkpoints; 0: select on test
+    final_test: bool = True  # with val_split: evaluate model_best on the test split once, at the end (tune's trials: off)
     workers: int = 4  # DataLoader processes decoding image-folder files (CIFAR lives in memory)
     skip_corrupt: bool = False  # leave unreadable image-folder files out (listed) instead of stopping
     class_weights: str = "none"  # "balanced": label terms weighted by N / (K * n_class), for imbalanced data

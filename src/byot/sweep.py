@@ -209,9 +209,11 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     sweep = Sweep(name, Path(out), Path(runs_dir), tuple(raw.get("seeds", [0])), base, rows, str(path))
     for row in sweep.rows:  # every combination must be a valid training config before anything starts
         try:
-            sweep.config(row, sweep.seeds[0])
+            cfg = sweep.config(row, sweep.seeds[0])
         except ByotError as e:
             raise ByotError(f"{where}, row {row.name!r}: {e}") from e
+        if not cfg.final_test:
+            raise ByotError(f"{where}, row {row.name!r}: a sweep reports the test split: drop final_test: false")
     return sweep
 
 

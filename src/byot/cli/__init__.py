@@ -22,13 +22,15 @@ from byot.cli.commands import (
     cmd_sweep,
     cmd_test,
     cmd_train,
+    cmd_tune,
 )
 from byot.cli.parser import build_parser
 from byot.errors import ByotError
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo, "bench": cmd_bench, "split": cmd_split,
             "check-data": cmd_check_data, "calibrate": cmd_calibrate, "early-exit": cmd_early_exit,
-            "export": cmd_export, "predict": cmd_predict, "sweep": cmd_sweep, "models": cmd_models}
+            "export": cmd_export, "predict": cmd_predict, "sweep": cmd_sweep, "models": cmd_models,
+            "tune": cmd_tune}
 
 
 

@@ -83,8 +83,16 @@ def _run_training(given: dict[str, Any], config_file: str | None, overwrite: boo
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    overwrite = getattr(args, "overwrite", False)
-    return _run_training(_given(args, "overwrite"), getattr(args, "config_file", None), overwrite)
+    from byot.config import load_yaml
+
+    overwrite, config_file = getattr(args, "overwrite", False), getattr(args, "config_file", None)
+    given = _given(args, "overwrite")
+    if given.get("arch") is None:
+        given.pop("arch", None)
+        named = "arch" in load_yaml(config_file) if config_file else False
+        if not named and not given.get("resume"):
+            raise ByotError("byot train needs ARCH (e.g. multi_resnet18_kd), or a --config file that names arch")
+    return _run_training(given, config_file, overwrite)
 
 
 
@@ -141,6 +149,68 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"byot: {st.row}, seed {st.seed} failed: {st.detail} (see {st.run_dir.parent / 'sweep.log'})",
               file=sys.stderr)
     return 1 if failed else 0
+
+
+
+TUNE_SETTINGS = ("trials", "storage", "study_name", "out", "jobs", "objective", "budget_flops", "max_drop", "pruner",
+                 "sampler", "sampler_seed", "summary", "json", "config")
+
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Exit 0 when the study has its trials, 130 / 143 when a signal stopped it (rerun to continue)."""
+    from byot.tune.report import format_summary, write_outputs
+    from byot.tune.study import load_existing, open_storage
+
+    _setup_logging(False)
+    settings = {k: getattr(args, k, None) for k in TUNE_SETTINGS}
+    given = _given(args, *TUNE_SETTINGS)
+    refused = sorted({"resume", "save_folder", "config_file", "overwrite", "final_test"} & set(vars(args)))
+    if refused:
+        raise ByotError(f"byot tune sets {', '.join('--' + r.replace('_', '-') for r in refused)} of each trial "
+                        "itself; leave it out")
+    if settings["jobs"] < 1:
+        raise ByotError("--jobs must be at least 1")
+    tune = None
+    if settings["config"]:
+        from byot.tune.spec import load_tune, replace_name
+
+        tune = replace_name(load_tune(settings["config"], given, {k: settings[k] for k in (
+            "trials", "objective", "budget_flops", "max_drop", "pruner", "sampler", "sampler_seed")}),
+            settings["study_name"])
+    elif not settings["summary"]:
+        raise ByotError("byot tune needs a tune file (TUNE.yaml), or --summary --storage URL")
+    elif given:
+        raise ByotError(f"--summary trains nothing: leave out {', '.join(sorted(given))}")
+    name = tune.name if tune else settings["study_name"]
+    from byot.sweep import slug
+
+    storage_text = settings["storage"] or (f"runs/tune/{slug(name)}.db" if name else None)
+    if storage_text is None:
+        raise ByotError("byot tune --summary needs --storage (the study's storage) ")
+    storage = open_storage(storage_text)
+    if tune is not None and not settings["summary"]:
+        from byot.tune.runner import run_study
+
+        study = run_study(tune, storage, _study_folder(settings["out"], storage_text, tune.name), settings["jobs"])
+    else:
+        study = load_existing(storage, name)
+    out = _study_folder(settings["out"], storage_text, study.study_name)
+    summary = write_outputs(study, out)
+    print(json.dumps(summary) if settings["json"] else format_summary(summary, tune.trials if tune else None))
+    return 0
+
+
+
+def _study_folder(out: str | None, storage: str, name: str) -> Path:
+    """--out, or a folder named after the study beside the storage file (runs/tune/NAME for a server)."""
+    from byot.sweep import slug
+    from byot.tune.study import storage_file, storage_url
+
+    if out:
+        return Path(out).expanduser().resolve()
+    path = storage_file(storage_url(storage))
+    return ((path.parent if path is not None else Path("runs/tune")) / slug(name)).resolve()
 
 
 

@@ -70,6 +70,9 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-split", type=float, metavar="FRACTION",
                    help="hold out this share of every training class to select checkpoints; the test split is "
                         "then evaluated once, at the end (default 0: select on test, as the reference)")
+    g.add_argument("--no-final-test", dest="final_test", action="store_false",
+                   help="with --val-split: do not evaluate the test split at the end (byot tune's trials; "
+                        "evaluate model_best later with byot test)")
     g.add_argument("--workers", type=int, help=f"image-folder decoding processes (default {D.workers})")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="leave unreadable image files out (counted in the log) instead of stopping")
@@ -194,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     arch_help = f"architecture: {', '.join(list_models())}; or timm/NAME (any timm model) or tv/NAME (torchvision)"
     train = sub.add_parser("train", help="train a network", argument_default=argparse.SUPPRESS)
-    train.add_argument("arch", help=arch_help)
+    train.add_argument("arch", nargs="?", help=arch_help + " (may come from --config FILE, e.g. byot tune's best.yaml)")
     _add_model_and_data(train)
     _add_training(train)
     test = sub.add_parser("test", help="evaluate a checkpoint on the test split",
@@ -259,7 +262,42 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="replaces the sweep file's out (results.md, results.json)")
     sweep.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     sweep.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _add_tune(sub)
     return parser
+
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    tune = sub.add_parser("tune", help="hyper-parameter search with Optuna on the validation split (resumable, "
+                          "pruned, parallel)", argument_default=argparse.SUPPRESS)
+    tune.add_argument("config", nargs="?", metavar="TUNE.yaml",
+                      help="name, base options, search space (see docs/TUNING.md); not needed with --summary")
+    g = tune.add_argument_group("study")
+    g.add_argument("--trials", type=int, help="trials the study should have, counting complete, pruned and failed "
+                   "ones (default: the file's trials, else 20)")
+    g.add_argument("--storage", help="Optuna storage: a file (.db: SQLite; another name: a journal file) or an "
+                   "SQLAlchemy URL (sqlite:///F.db, postgresql://..., mysql+pymysql://...); default "
+                   "runs/tune/NAME.db")
+    g.add_argument("--study-name", help="the study in the storage (default: the file's name)")
+    g.add_argument("--out", help="study folder: trials' run directories, best.yaml, trials.csv, plots (default: "
+                   "a folder named after the study beside the storage file)")
+    g.add_argument("--jobs", type=int, default=1, help="trials trained at once on this machine, the cores divided "
+                   "between them (default 1)")
+    g.add_argument("--objective", help="deepest (default), exit:N, ensemble (validation top-1), or early-exit "
+                   "(validation top-1 and mean FLOPs of a fitted early-exit policy: two objectives)")
+    g.add_argument("--budget-flops", type=float, metavar="F",
+                   help="early-exit objective: fit thresholds within F FLOPs per image")
+    g.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="early-exit objective: fit the cheapest thresholds at most POINTS below the deepest exit "
+                        "(default 1)")
+    g.add_argument("--pruner", help="median (default), hyperband, successive-halving or none")
+    g.add_argument("--sampler", help="tpe (default), random or nsga2")
+    g.add_argument("--sampler-seed", type=int, help="seeds the sampler (default 0)")
+    g.add_argument("--summary", action="store_true",
+                   help="train nothing: the study's table, best.yaml, trials.csv and plots")
+    g.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _add_model_and_data(tune)
+    _add_training(tune)
 
 
 

@@ -185,6 +185,25 @@ def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: 
     return result
 
 
+def fit_on_validation(cfg: TrainConfig, checkpoint: dict, final: str = "deepest", budget_flops: float | None = None,
+                      max_drop: float | None = None) -> dict[str, Any]:
+    """Thresholds fitted on the validation split, as ``early_exit`` fits them, and the policy's top-1 and mean
+    FLOPs on that same split; nothing is written and the test split is not evaluated (byot tune's early-exit
+    objective scores every trial this way)."""
+    device = resolve_device(cfg.device)
+    data = load_data(cfg, device)
+    check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
+    model, runtime = build_trained(cfg, checkpoint, device)
+    _need_exits(model)
+    costs = exit_costs(model, checkpoint["image_size"])
+    logits, targets = collect_logits(model, _held_out(cfg, checkpoint, data, "fitting thresholds"), runtime)
+    policy = fit_thresholds(logits, targets, costs, (), final, budget_flops, max_drop)
+    reference = ExitPolicy(tuple([NEVER] * len(policy.thresholds)), (), final)
+    return {**policy.to_dict(), "val": policy_stats(logits, targets, costs, policy),
+            "val_reference_top1": policy_stats(logits, targets, costs, reference)["top1"],
+            "full_flops": costs[-1]["flops"], "num_images": len(targets)}
+
+
 def _top1(scores: torch.Tensor, targets: torch.Tensor) -> float:
     return 100.0 * (scores.argmax(dim=1) == targets).double().mean().item()
 

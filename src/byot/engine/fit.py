@@ -280,7 +280,7 @@ def _fit(s: Session, checkpoint: dict | None, stop_after: int | None,
             writer.close()
     completed = start_epoch + len(records) == cfg.epochs
     # the one test evaluation: after the last epoch, or on a resume of a run that ended before writing it
-    if s.data.val is not None and completed and (records or read_test_result(run_dir) is None):
+    if s.data.val is not None and cfg.final_test and completed and (records or read_test_result(run_dir) is None):
         final = _final_test(s, run_dir)
         if records:
             records[-1]["final_test"] = final
