@@ -190,9 +190,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ByotError("byot tune --summary needs --storage (the study's storage) ")
     storage = open_storage(storage_text)
     if tune is not None and not settings["summary"]:
+        from byot.engine.children import StoppedBySignal
         from byot.tune.runner import run_study
 
-        study = run_study(tune, storage, _study_folder(settings["out"], storage_text, tune.name), settings["jobs"])
+        try:
+            study = run_study(tune, storage, _study_folder(settings["out"], storage_text, tune.name), settings["jobs"])
+        except StoppedBySignal as e:
+            name = "SIGTERM" if e.signum == signal.SIGTERM else "Ctrl-C"
+            print(f"byot: interrupted ({name}); the trials in progress stopped at their last saved epoch: rerun the "
+                  "same command to continue the study (they resume from there)", file=sys.stderr)
+            return int(e.code)
     else:
         study = load_existing(storage, name)
     out = _study_folder(settings["out"], storage_text, study.study_name)

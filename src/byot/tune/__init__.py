@@ -15,6 +15,7 @@ stopped, on several machines at once, and ``optuna-dashboard STORAGE`` shows it.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 from byot.errors import ByotError
@@ -29,4 +30,9 @@ def optuna_module() -> Any:
     except ImportError as e:
         raise ByotError(f"byot tune needs Optuna: {EXTRA}") from e
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # byot asks and tells trials itself (each trains in a process of its own) and records their heartbeats,
+    # so Optuna's note that heartbeats are meant for Study.optimize does not apply; nor do the experimental
+    # marks of the functions byot uses (stale trials, matplotlib plots)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna

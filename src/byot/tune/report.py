@@ -58,8 +58,8 @@ def best_yaml(study: Any, trial: Any) -> str:
     return head + yaml.safe_dump(trial_options(study, trial), sort_keys=False)
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f}"
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:
@@ -234,9 +234,8 @@ def format_summary(summary: dict[str, Any], requested: int | None = None) -> str
     wanted = f" of {requested} wanted" if requested else ""
     lines = [f"study {summary['study']}: objective {ident['objective']}",
              (f"trials: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed, {c['running']} running, "
-             f"{c['waiting']} waiting ({c['counted']} counted{wanted}; {c['cut_short']} cut short and retried)")]
-    hours = c["train_seconds"] / 3600
-    lines.append(f"training time {hours:.2f} h; pruning saved about {c['saved_seconds'] / 3600:.2f} h"
+             f"{c['waiting']} waiting ({c['counted']} counted{wanted}; {c['cut_short']} cut short, resumed as new trials)")]
+    lines.append(f"training time {_duration(c['train_seconds'])}; pruning saved about {_duration(c['saved_seconds'])}"
                  + (f" (pruned trials stopped after epoch {', '.join(map(str, sorted(c['pruned_epochs'])))})"
                     if c["pruned_epochs"] else ""))
     best = summary["best"]
