@@ -196,12 +196,16 @@ def check_space(params: tuple[Param, ...], base: dict[str, Any], fixed_by: dict[
             source = fixed_by.get(top or "model_options", "the base config")
             raise ByotError(f"space: {p.name} is searched and also fixed by {source} ({p.name} {given!r}); "
                             "remove one of them")
-    first = {p.name: p.extremes()[0] for p in params}
     for p in params:
         for value in p.extremes():
             try:
-                build_config({}, with_params(base, {**first, p.name: value}))
+                build_config({}, with_params(base, {p.name: value}))
             except ByotError as e:
                 raise ByotError(f"space: {p.name} = {value!r} does not make a valid training config with the "
                                 f"base: {e}") from e
-    return build_config({}, with_params(base, first))
+    first = {p.name: p.extremes()[0] for p in params}
+    try:
+        return build_config({}, with_params(base, first))
+    except ByotError as e:
+        raise ByotError(f"space: the parameters' first values together ({first}) do not make a valid training "
+                        f"config: {e}") from e

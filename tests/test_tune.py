@@ -1,0 +1,313 @@
+"""byot tune: the search space and its checks, the bookkeeping that survives crashes, pruning through the real
+workers (with a stand-in trainer), and whole studies of real byot train processes on the digits: killed with
+kill -9 and Ctrl-C and continued, two tuners sharing one storage, and a best.yaml that byot train takes."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+optuna = pytest.importorskip("optuna", reason="byot tune needs the tune extra (pip install 'byot[tune]')")
+
+from byot.cli import main
+from byot.errors import ByotError
+from byot.tune import runner
+from byot.tune.space import check_space, parse_param, parse_space, with_params
+from byot.tune.spec import load_tune
+from byot.tune.study import STATE, counted, open_storage, open_study, recover, surplus
+
+DIGITS = {"arch": "multi_resnet18_kd", "dataset": "digits", "image_size": 16, "width": 4, "epochs": 2,
+          "batch_size": 64, "val_split": 0.2, "workers": 0}
+
+
+def write_tune(tmp_path: Path, space: dict, name: str = "digits", **keys) -> Path:
+    base = {**DIGITS, **keys.pop("base", {})}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "base": base, "space": space, **keys}))
+    return path
+
+
+# --- the space -------------------------------------------------------------------------------------------
+
+def test_parameters_take_their_kind_from_the_config_field():
+    lr = parse_param("lr", {"low": 0.01, "high": 0.3, "log": True})
+    epochs = parse_param("epochs", {"low": 2, "high": 8, "step": 2})
+    head = parse_param("head", ["bottleneck", "attention"])
+    depth = parse_param("model_options.depth", {"low": 10, "high": 28})
+    assert (lr.kind, lr.log, epochs.kind, epochs.step, head.kind, depth.kind) == (
+        "float", True, "int", 2, "categorical", "int")
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    values = {p.name: p.suggest(trial) for p in (lr, epochs, head)}
+    assert 0.01 <= values["lr"] <= 0.3 and values["epochs"] in (2, 4, 6, 8) and values["head"] in head.choices
+    assert with_params({"width": 8, "model_options": {"widen": 2}}, {"model_options.depth": 16, "lr": 0.1}) == {
+        "width": 8, "model_options": {"widen": 2, "depth": 16}, "lr": 0.1}
+
+
+@pytest.mark.parametrize("name, spec, says", [
+    ("learning_rate", {"low": 0.1, "high": 1}, "no such option"),
+    ("val_split", {"low": 0.1, "high": 0.2}, "same hold-out"),
+    ("seed", [0, 1], "selects noise"),
+    ("lr", {"low": 0.3, "high": 0.1}, "must be below high"),
+    ("lr", {"low": 0.0, "high": 0.1, "log": True}, "low > 0"),
+    ("lr", {"low": 0.01}, "needs high"),
+    ("lr", {"low": 0.01, "high": 0.1, "scale": "log"}, "unknown key(s) scale"),
+    ("epochs", {"low": 2.5, "high": 8}, "whole numbers"),
+    ("head", [], "non-empty list"),
+    ("head", {"choices": [[1], [2]]}, "each choice"),
+    ("lr", {"type": "real", "low": 0.1, "high": 1}, "type must be"),
+    ("model_options", [1, 2], "one family option at a time"),
+])
+def test_a_bad_parameter_is_one_line_naming_it(name, spec, says):
+    with pytest.raises(ByotError) as e:
+        parse_param(name, spec)
+    assert says in str(e.value) and name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_space_is_checked_against_the_base_config():
+    params = parse_space({"lr": {"low": 0.01, "high": 0.2}, "exits": ["1,2", "2,3"]})
+    check_space(params, dict(DIGITS), {})  # every extreme value is a valid config
+    with pytest.raises(ByotError, match=r"lr is searched and also fixed by the command line \(lr 0\.1\)"):
+        check_space(params, {**DIGITS, "lr": 0.1}, {"lr": "the command line"})
+    with pytest.raises(ByotError, match=r"exits = '1,2' does not make a valid training config.*--no-distill"):
+        check_space(params, {**DIGITS, "distill": False}, {})
+    with pytest.raises(ByotError, match=r"alpha = 1\.5 .*--alpha must lie in \[0, 1\]"):
+        check_space(parse_space({"alpha": {"low": 0.5, "high": 1.5}}), dict(DIGITS), {})
+
+
+def test_the_tune_file_needs_a_val_split_and_an_objective_the_model_has(tmp_path):
+    space = {"lr": {"low": 0.01, "high": 0.2}}
+    with pytest.raises(ByotError, match="never on test: give --val-split"):
+        load_tune(write_tune(tmp_path, space, base={"val_split": 0.0}), {}, {})
+    with pytest.raises(ByotError, match="exit:5: multi_resnet18_kd here has exits 1, 2, 3, 4"):
+        load_tune(write_tune(tmp_path, space), {}, {"objective": "exit:5"})
+    with pytest.raises(ByotError, match="prunes single-objective studies only"):
+        load_tune(write_tune(tmp_path, space), {}, {"objective": "early-exit", "pruner": "median"})
+    with pytest.raises(ByotError, match="early-exit needs shallow exits"):
+        load_tune(write_tune(tmp_path, space, base={"distill": False}), {}, {"objective": "early-exit"})
+    tune = load_tune(write_tune(tmp_path, space), {"epochs": 3}, {"objective": "exit:2", "trials": 7})
+    assert (tune.base["epochs"], str(tune.objective), tune.trials, tune.pruner["type"]) == (3, "exit:2", 7, "median")
+    early = load_tune(write_tune(tmp_path, space), {}, {"objective": "early-exit"})
+    assert (early.objective.directions, early.objective.max_drop, early.pruner["type"]) == (
+        ["maximize", "minimize"], 1.0, "none")
+
+
+@pytest.mark.parametrize("case", ["text as sqlite", "foreign sqlite", "foreign journal", "no val split",
+                                  "bad objective", "summary of nothing", "resume given"])
+def test_bad_input_is_one_line_and_exit_2_before_training(tmp_path, capsys, case):
+    import sqlite3
+
+    tune = write_tune(tmp_path, {"lr": {"low": 0.01, "high": 0.2}}, base={"val_split": 0.0} if case == "no val split"
+                      else {})
+    args = ["tune", str(tune), "--storage", str(tmp_path / "study.db")]
+    if case == "text as sqlite":
+        (tmp_path / "study.db").write_text("notes\n")
+    elif case == "foreign sqlite":
+        with sqlite3.connect(tmp_path / "study.db") as db:
+            db.execute("create table invoices (id integer)")
+    elif case == "foreign journal":
+        (tmp_path / "study.log").write_text("hello\n")
+        args[-1] = str(tmp_path / "study.log")
+    elif case == "bad objective":
+        args += ["--objective", "exit:5"]
+    elif case == "summary of nothing":
+        args = ["tune", "--summary", "--storage", str(tmp_path / "empty.db")]
+    elif case == "resume given":
+        args += ["--resume", "auto"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    says = {"text as sqlite": "is not an SQLite database", "foreign sqlite": "tables invoices",
+            "foreign journal": "not an Optuna journal file", "no val split": "--val-split",
+            "bad objective": "exit:5", "summary of nothing": "holds 0 studies", "resume given": "--resume"}[case]
+    assert err.startswith("byot: error:") and says in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "digits").exists()  # no study folder, no trial
+
+
+def test_without_optuna_the_error_names_the_extra(monkeypatch):
+    import importlib
+
+    import byot.tune as tune_package
+
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: (_ for _ in ()).throw(ImportError(name)) if name == "optuna" else real(name, *a))
+    with pytest.raises(ByotError, match=r"byot tune needs Optuna: pip install 'byot\[tune\]'"):
+        tune_package.optuna_module()
+
+
+# --- bookkeeping: what counts, what is retried ---------------------------------------------------------
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_trial_whose_tuner_died_is_failed_and_queued_once_to_resume_its_run_directory(tmp_path):
+    tune = load_tune(write_tune(tmp_path, {"lr": {"low": 0.01, "high": 0.2}}, trials=3), {}, {})
+    study = open_study(tune, open_storage(str(tmp_path / "s.log")))
+    done = study.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.2)})
+    done.set_user_attr(STATE, "done")
+    study.tell(done, 50.0)
+    orphan = study.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.2)})
+    for k, v in {"run_dir": "trials/trial-0001", STATE: "running",
+                 "worker": {"host": socket.gethostname(), "pid": _dead_pid(), "started": None}}.items():
+        orphan.set_user_attr(k, v)
+    alive = study.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.2)})
+    alive.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "started": None})
+    notes = recover(study)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "RUNNING", "WAITING"] and len(notes) == 2
+    retry = trials[3]
+    assert retry.system_attrs["fixed_params"] == trials[1].params and retry.user_attrs["retry_of"] == 1
+    assert retry.user_attrs["run_dir"] == "trials/trial-0001" and retry.user_attrs["kills"] == 1
+    assert [counted(t) for t in trials] == [True, False, True, True]  # the retry counts in the orphan's place
+    assert recover(study) == [] and len(study.trials) == 4  # queued once
+    assert not surplus(3, {"retry_of": 1}, trials, 3)  # the retry itself, when a worker takes it
+    assert surplus(4, {"retry_of": 1}, trials, 3)  # a copy another worker queued at the same moment
+    assert surplus(4, {}, trials, 3) and not surplus(4, {}, trials, 4)  # the study has its 3 trials
+
+
+# --- the workers, with a stand-in trainer: pruning, values, signals ------------------------------------
+
+FAKE_TRAINER = """
+import json, pathlib, sys, time, yaml
+root = pathlib.Path(sys.argv[1])
+options = yaml.safe_load((root / "sweep_options.yaml").read_text())
+run = root / "multi_resnet18_kd"
+run.mkdir(parents=True, exist_ok=True)
+(run / "config.yaml").write_text(yaml.safe_dump(options))
+for epoch in range(1, options["epochs"] + 1):
+    top1 = 100 * options["lr"] * epoch  # the accuracy a trial reaches: its lr times the epoch
+    record = {"epoch": epoch, "exits": [{"exit": 1, "top1": top1 / 2}, {"exit": 4, "top1": top1}],
+              "ensemble": {"top1": top1 - 1}, "epoch_seconds": 2.0}
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\\n")
+    time.sleep(0.6)
+"""
+
+
+def test_workers_prune_on_the_validation_accuracy_and_score_model_best(tmp_path, monkeypatch):
+    script = tmp_path / "trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(runner, "trial_command", lambda arch, root: [sys.executable, str(script), str(root)])
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.1)
+    tune = load_tune(write_tune(tmp_path, {"lr": [0.3, 0.2, 0.01, 0.25]}, base={"epochs": 4},
+                                pruner={"type": "median", "startup_trials": 2, "warmup_epochs": 0}), {}, {})
+    storage = open_storage(str(tmp_path / "study.db"))
+    study = open_study(tune, storage)
+    for lr in (0.3, 0.2, 0.01, 0.25):  # in this order: two to compare with, then one to prune, then a good one
+        study.enqueue_trial({"lr": lr})
+    study = runner.run_study(dataclasses.replace(tune, trials=4), storage, tmp_path / "out", jobs=1)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
+    assert [t.values[0] if t.values else None for t in trials] == pytest.approx([120.0, 80.0, 1.0, 100.0])
+    pruned = trials[2].user_attrs
+    assert pruned["pruned_at"] == 1 and pruned["epochs_done"] < 4
+    assert pruned["saved_seconds"] == pytest.approx(2.0 * (4 - pruned["epochs_done"]))  # its own epoch time
+    assert trials[0].intermediate_values == pytest.approx({1: 30.0, 2: 60.0, 3: 90.0, 4: 120.0})
+    assert trials[0].user_attrs["val_exits"] == {"1": pytest.approx(60.0), "4": pytest.approx(120.0)}
+
+
+# --- whole studies of real byot train processes --------------------------------------------------------
+
+def _tuner(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "byot", "tune", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_epochs(path: Path, epochs: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= epochs:
+            return
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.1)
+    raise AssertionError(f"{path} did not reach {epochs} epochs")
+
+
+def _no_byot_train_left(folder: Path) -> bool:
+    out = subprocess.run(["pgrep", "-f", f"byot train.*{folder}"], check=False, capture_output=True, text=True).stdout
+    return not out.strip()
+
+
+def test_a_study_killed_and_interrupted_continues_and_gives_a_best_yaml_that_trains(tmp_path, capsys):
+    tune = write_tune(tmp_path, {"lr": {"low": 0.02, "high": 0.2, "log": True}}, trials=2, base={"epochs": 3},
+                      pruner="none")
+    args = [str(tune), "--storage", "study.db"]
+    first = tmp_path / "digits" / "trials" / "trial-0000" / "multi_resnet18_kd" / "metrics.jsonl"
+    proc = _tuner(args, tmp_path)
+    _wait_for_epochs(first, 1, proc)
+    proc.kill()  # kill -9: the tuner leaves its trial RUNNING; the trial's child saves its epoch and stops
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while not _no_byot_train_left(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _no_byot_train_left(tmp_path)  # no orphan training on
+    storage = open_storage(str(tmp_path / "study.db"))
+    assert [t.state.name for t in optuna.load_study(study_name="digits", storage=storage).trials] == ["RUNNING"]
+
+    proc = _tuner(args, tmp_path)  # continues: trial 0 is retried as trial 1, resuming its run directory
+    _wait_for_epochs(first, 2, proc)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: stops like byot train, the trial is resumed next time
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert output.strip().splitlines()[-1].startswith("byot: interrupted (Ctrl-C)")
+
+    proc = _tuner(args, tmp_path)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    trials = optuna.load_study(study_name="digits", storage=storage).get_trials()
+    states = [(t.state.name, t.user_attrs.get(STATE), t.user_attrs.get("retry_of")) for t in trials]
+    assert states[:3] == [("FAIL", "running", None), ("FAIL", "interrupted", 0), ("COMPLETE", "done", 1)]
+    assert [s[0] for s in states[3:]] == ["COMPLETE"] and sum(counted(t) for t in trials) == 2  # none counted twice
+    assert {t.user_attrs["run_dir"] for t in trials[:3]} == {"trials/trial-0000"}  # one run, resumed twice
+    assert [json.loads(line)["epoch"] for line in first.read_text().splitlines()] == [1, 2, 3]
+    log = (first.parent.parent / "tune.log").read_text()
+    assert log.count("resumed from") == 2 and "after epoch 1" in log
+    assert not (first.parent / "test_result.json").exists()  # trials never see the test split...
+    study_dir = tmp_path / "digits"
+    tested = json.loads((study_dir / "test_results.json").read_text())
+    best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.values[0])
+    assert list(tested) == [str(best.number)]  # ... the best one does, once
+    assert "test split, evaluated once" in output and "2 counted of 2 wanted" in output
+    rows = list(csv.DictReader((study_dir / "trials.csv").open()))
+    assert [r["state"] for r in rows] == [t.state.name.lower() for t in trials]
+    for png in ("history.png", "intermediate.png"):
+        assert (study_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    saved = yaml.safe_load((study_dir / "best.yaml").read_text())
+    assert saved["lr"] == pytest.approx(best.params["lr"]) and saved["arch"] == "multi_resnet18_kd"
+    assert main(["train", "--config", str(study_dir / "best.yaml"), "--epochs", "1", "--save-folder",
+                 str(tmp_path / "again"), "--no-progress"]) == 0  # the file byot train takes as it is
+    assert (tmp_path / "again" / "multi_resnet18_kd" / "test_result.json").exists()
+    capsys.readouterr()
+    assert main(["tune", "--summary", "--storage", str(tmp_path / "study.db"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counts"]["complete"] == 2 and summary["counts"]["cut_short"] == 2
+    assert json.loads((study_dir / "test_results.json").read_text()) == tested  # not evaluated again
+
+
+def test_two_tuners_share_one_journal_storage_without_counting_a_trial_twice(tmp_path):
+    tune = write_tune(tmp_path, {"lr": {"low": 0.02, "high": 0.2}}, trials=4, base={"epochs": 1}, pruner="none")
+    args = [str(tune), "--storage", "study.log"]  # Optuna's journal file: several processes, one file
+    procs = [_tuner(args, tmp_path) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    trials = optuna.load_study(study_name="digits", storage=open_storage(str(tmp_path / "study.log"))).get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 4 and all(t.user_attrs.get(STATE) in ("done", "surplus") for t in trials)
+    assert len({t.user_attrs["run_dir"] for t in complete}) == 4
+    workers = {t.user_attrs["worker"]["pid"] for t in complete}
+    assert len(workers) == 2  # both tuners trained trials of the one study
