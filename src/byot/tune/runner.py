@@ -23,7 +23,7 @@ from byot.sweep import write_options
 from byot.tune import optuna_module
 from byot.tune.space import with_params
 from byot.tune.spec import Tune
-from byot.tune.study import STATE, bookkeeping, counted, open_study, recover, surplus, this_worker
+from byot.tune.study import HEARTBEAT_SECONDS, STATE, bookkeeping, counted, open_study, recover, surplus, this_worker
 
 log = logging.getLogger("byot")
 
@@ -169,7 +169,7 @@ def _follow(w: Workers, trial: Any, proc: Any, cfg: TrainConfig, label: str) -> 
         if new and single and code is None and pruned_at is None and trial.should_prune():
             pruned_at = new[-1]["epoch"]
             w.stopper.stop(proc)
-        if beat is not None and time.monotonic() - last_beat > 5:
+        if beat is not None and time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
             beat(trial._trial_id)
             last_beat = time.monotonic()
         if code is not None:
