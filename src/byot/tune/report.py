@@ -19,7 +19,7 @@ from byot.engine.rundir import BEST
 from byot.errors import ByotError, describe_os_error
 from byot.tune import optuna_module
 from byot.tune.space import with_params
-from byot.tune.study import IDENTITY, STATE, counted
+from byot.tune.study import IDENTITY, MACHINE, STATE, counted
 
 log = logging.getLogger("byot")
 
@@ -46,8 +46,9 @@ def best_trials(study: Any) -> list[Any]:
 
 
 def trial_options(study: Any, trial: Any) -> dict[str, Any]:
-    """The byot train options a trial ran with: the study's base and the trial's parameters."""
-    return with_params(identity(study)["base"], trial.params)
+    """The byot train options a trial ran with: the study's base (with the creating machine's data_dir and
+    the like) and the trial's parameters."""
+    return with_params({**identity(study)["base"], **study.user_attrs.get(MACHINE, {})}, trial.params)
 
 
 def best_yaml(study: Any, trial: Any) -> str:

@@ -23,12 +23,22 @@ from byot.sweep import write_options
 from byot.tune import optuna_module
 from byot.tune.space import with_params
 from byot.tune.spec import Tune
-from byot.tune.study import HEARTBEAT_SECONDS, STATE, bookkeeping, counted, open_study, recover, surplus, this_worker
+from byot.tune.study import (
+    HEARTBEAT_SECONDS,
+    STATE,
+    bookkeeping,
+    counted,
+    open_study,
+    recover,
+    surplus,
+    this_worker,
+)
 
 log = logging.getLogger("byot")
 
 POLL_SECONDS = 1.0  # how often a running trial's metrics.jsonl is read
 TRIAL_LOG = "tune.log"  # in each trial's folder: its byot train child's output
+FAILURES_TO_STOP = 3  # trials in a row that fail before any trial has finished: the study stops
 
 
 @dataclass
@@ -42,6 +52,7 @@ class Workers:
     stopper: ChildStopper
     errors: list[BaseException] = field(default_factory=list)
     ended: list[str] = field(default_factory=list)  # one line per trial this process ended
+    failures: int = 0  # trials in a row this process saw fail in training
 
     @property
     def stop(self) -> bool:
@@ -252,5 +263,10 @@ def _end(w: Workers, trial: Any, state: str, line: str, values: list[float] | No
     w.study.tell(trial, values=values, state=getattr(optuna.trial.TrialState, states.get(state, "FAIL")))
     (log.warning if state == "error" else log.info)(line)
     w.ended.append(line)
+    w.failures = w.failures + 1 if state == "error" else 0 if state in ("done", "pruned") else w.failures
+    finished = any(t.state.name in ("COMPLETE", "PRUNED") for t in w.study.get_trials(deepcopy=False))
+    if w.failures >= FAILURES_TO_STOP and not finished:  # the data or a base option, not the parameters
+        w.errors.append(ByotError(f"the first {w.failures} trials failed, the last with: {error}; see its "
+                                  f"{TRIAL_LOG}, fix the base config and run again"))
     if state == "done" and values and any(not math.isfinite(v) for v in values):
         log.warning("%s: a value is not finite", line)

@@ -10,13 +10,16 @@ from typing import Any
 
 from byot.config import TrainConfig, load_yaml
 from byot.errors import ByotError
-from byot.sweep import Key, check_shape, slug
+from byot.sweep import UNCOMPARED, Key, check_shape, slug
 from byot.tune.space import Param, check_space, parse_space
 
 OBJECTIVES = ("deepest", "exit:N", "ensemble", "early-exit")
 PRUNERS = ("median", "hyperband", "successive-halving", "none")
 SAMPLERS = ("tpe", "random", "nsga2")
 PRUNER_KEYS = ("type", "startup_trials", "warmup_epochs", "reduction_factor")
+# options that may differ between the machines (and the runs) of one study: where the data is, how it is
+# read, where training runs and what it logs; byot sweep ignores the same ones when it compares runs
+MACHINE_OPTIONS = ("data_dir", *UNCOMPARED)
 DEFAULT_MAX_DROP = 1.0  # points of top-1 the early-exit objective's policy may give up, unless a budget is given
 
 
@@ -114,9 +117,14 @@ class Tune:
     source: str = ""
 
     def identity(self) -> dict[str, Any]:
-        """What a study stores at its creation, and a later run must agree with to continue it."""
-        return {"base": self.base, "space": [p.to_dict() for p in self.params], "objective": str(self.objective),
+        """What a study stores at its creation, and a later run must agree with to continue it (``base``
+        without the options that differ between machines; those stored apart, for best.yaml)."""
+        return {"base": {k: v for k, v in self.base.items() if k not in MACHINE_OPTIONS},
+                "space": [p.to_dict() for p in self.params], "objective": str(self.objective),
                 "budget_flops": self.objective.budget_flops, "max_drop": self.objective.max_drop}
+
+    def machine_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.base.items() if k in MACHINE_OPTIONS}
 
 
 def parse_pruner(value: Any, objective: Objective) -> dict[str, Any]:

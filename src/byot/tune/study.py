@@ -41,6 +41,7 @@ HEARTBEAT_SECONDS = 20  # RDB storages: a running trial's heartbeat; another mac
 GRACE_SECONDS = 90
 MAX_KILLS = 3  # a trial whose worker died this often is not retried again (it may be what kills it)
 IDENTITY = "byot_tune"  # study user attribute: the settings it was created with (Tune.identity)
+MACHINE = "byot_tune_machine"  # ... and the options of the machine that created it (data_dir, workers, ...)
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -173,6 +174,7 @@ def open_study(tune: Tune, storage: Any, seed_offset: int = 0) -> Any:
                                     sampler=sampler, pruner=pruner, load_if_exists=True)
         if IDENTITY not in study.user_attrs:
             study.set_user_attr(IDENTITY, identity)
+            study.set_user_attr(MACHINE, json.loads(json.dumps(tune.machine_options())))
         stored = study.user_attrs[IDENTITY]
     else:
         study = optuna.load_study(study_name=tune.name, storage=storage, sampler=sampler, pruner=pruner)
