@@ -287,3 +287,20 @@ def test_fitted_thresholds_keep_the_temperatures_they_were_fitted_with(ckpt, cap
     assert policy.temperatures == ()  # the fit saw uncalibrated confidences; the new calibration is not mixed in
     given = deploy_run.resolve_policy(state, 4, [0.5], None)
     assert given.temperatures == tuple(state["calibration"]["temperatures"])  # your own thresholds: calibrated
+
+
+def test_fitting_on_validation_alone_matches_early_exit_and_leaves_test_and_checkpoint_alone(ckpt, capsys, monkeypatch):
+    before = ckpt.read_bytes()
+    cfg, checkpoint = resolve_config({"resume": str(ckpt)})
+    seen: list[int] = []
+    collect = deploy_run.collect_logits
+    monkeypatch.setattr(deploy_run, "collect_logits", lambda model, batches, runtime: (
+        seen.append(batches.num_samples), collect(model, batches, runtime))[1])
+    fitted = deploy_run.fit_on_validation(cfg, checkpoint, "deepest", max_drop=1.0)  # byot tune's early-exit score
+    assert seen == [fitted["num_images"]] and ckpt.read_bytes() == before  # validation only, nothing written
+    monkeypatch.setattr(deploy_run, "collect_logits", collect)
+    assert main(["early-exit", "multi_resnet18_kd", "--resume", str(ckpt), "--max-drop", "1", "--json",
+                 "--out", str(ckpt.parent / "curve")]) == 0
+    reference = json.loads(capsys.readouterr().out)["fitted"]
+    assert fitted["thresholds"] == reference["thresholds"] and fitted["val"] == reference["val"]
+    assert fitted["val_reference_top1"] == reference["val_reference_top1"]

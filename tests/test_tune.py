@@ -219,6 +219,58 @@ def test_workers_prune_on_the_validation_accuracy_and_score_model_best(tmp_path,
     assert trials[0].user_attrs["val_exits"] == {"1": pytest.approx(60.0), "4": pytest.approx(120.0)}
 
 
+def test_objectives_read_their_exit_and_pruners_are_optunas(tmp_path):
+    from byot.tune.spec import parse_objective
+    from byot.tune.study import make_pruner
+
+    record = {"exits": [{"exit": 1, "top1": 11.0}, {"exit": 2, "top1": 22.0}, {"exit": 4, "top1": 44.0}],
+              "ensemble": {"top1": 40.0}}
+    assert [parse_objective(o, None, None).epoch_value(record) for o in ("deepest", "exit:2", "ensemble")] == [
+        44.0, 22.0, 40.0]
+    with pytest.raises(ByotError, match="belong to the early-exit objective"):
+        parse_objective("deepest", None, 1.0)
+    kinds = {"median": "MedianPruner", "hyperband": "HyperbandPruner", "successive-halving": "SuccessiveHalvingPruner",
+             "none": "NopPruner"}
+    for name, cls in kinds.items():
+        tune = load_tune(write_tune(tmp_path, {"lr": {"low": 0.01, "high": 0.2}}, pruner=name), {}, {})
+        assert type(make_pruner(tune)).__name__ == cls
+
+
+EARLY_EXIT_TRAINER = """
+import json, pathlib, shutil, sys, yaml
+root, checkpoint = pathlib.Path(sys.argv[1]), sys.argv[2]
+options = yaml.safe_load((root / "sweep_options.yaml").read_text())
+run = root / "multi_resnet18_kd"
+run.mkdir(parents=True, exist_ok=True)
+for epoch in range(1, options["epochs"] + 1):
+    record = {"epoch": epoch, "exits": [{"exit": k, "top1": 10.0 * k} for k in (1, 2, 3, 4)],
+              "ensemble": {"top1": 30.0}, "epoch_seconds": 1.0}
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\\n")
+shutil.copy(checkpoint, run / "model_best.pth.tar")  # a real trained model stands for what it trained
+"""
+
+
+def test_the_early_exit_objective_scores_the_policy_fitted_on_validation(tmp_path, monkeypatch, digits_checkpoint):
+    from byot.deploy.run import fit_on_validation
+    from byot.engine.resolve import resolve_config
+
+    script = tmp_path / "trainer.py"
+    script.write_text(EARLY_EXIT_TRAINER)
+    monkeypatch.setattr(runner, "trial_command", lambda arch, root: [sys.executable, str(script), str(root),
+                                                                     str(digits_checkpoint)])
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.1)
+    tune = load_tune(write_tune(tmp_path, {"alpha": [0.1, 0.3]}, base={"width": 8, "val_split": 0.25}, trials=1),
+                     {}, {"objective": "early-exit", "max_drop": 2.0})
+    study = runner.run_study(tune, open_storage(str(tmp_path / "study.db")), tmp_path / "out", jobs=1)
+    (trial,) = study.get_trials()
+    cfg, checkpoint = resolve_config({"resume": str(digits_checkpoint)})
+    expected = fit_on_validation(cfg, checkpoint, "deepest", max_drop=2.0)
+    assert trial.state.name == "COMPLETE" and study.directions[1].name == "MINIMIZE"
+    assert trial.values == pytest.approx([expected["val"]["top1"], expected["val"]["mean_flops"]])
+    assert trial.user_attrs["thresholds"] == expected["thresholds"] and trial.intermediate_values == {}
+
+
 # --- whole studies of real byot train processes --------------------------------------------------------
 
 def _tuner(args: list[str], cwd: Path) -> subprocess.Popen:
