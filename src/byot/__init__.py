@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 # torch is imported on first use of these names, not by ``import byot``: the command line stays able to
 # turn a Ctrl-C during that import into one line
