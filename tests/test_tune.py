@@ -295,8 +295,8 @@ def _no_byot_train_left(folder: Path) -> bool:
 
 
 def test_a_study_killed_and_interrupted_continues_and_gives_a_best_yaml_that_trains(tmp_path, capsys):
-    tune = write_tune(tmp_path, {"lr": {"low": 0.02, "high": 0.2, "log": True}}, trials=2, base={"epochs": 3},
-                      pruner="none")
+    tune = write_tune(tmp_path, {"lr": {"low": 0.02, "high": 0.2, "log": True}}, trials=2, base={"epochs": 4},
+                      pruner="none")  # 4 epochs: the Ctrl-C after epoch 2 reaches the trial well before its end
     args = [str(tune), "--storage", "study.db"]
     first = tmp_path / "digits" / "trials" / "trial-0000" / "multi_resnet18_kd" / "metrics.jsonl"
     proc = _tuner(args, tmp_path)
@@ -325,7 +325,7 @@ def test_a_study_killed_and_interrupted_continues_and_gives_a_best_yaml_that_tra
     assert states[:3] == [("FAIL", "running", None), ("FAIL", "interrupted", 0), ("COMPLETE", "done", 1)]
     assert [s[0] for s in states[3:]] == ["COMPLETE"] and sum(counted(t) for t in trials) == 2  # none counted twice
     assert {t.user_attrs["run_dir"] for t in trials[:3]} == {"trials/trial-0000"}  # one run, resumed twice
-    assert [json.loads(line)["epoch"] for line in first.read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["epoch"] for line in first.read_text().splitlines()] == [1, 2, 3, 4]
     log = (first.parent.parent / "tune.log").read_text()
     assert log.count("resumed from") == 2 and "after epoch 1" in log
     assert not (first.parent / "test_result.json").exists()  # trials never see the test split...
