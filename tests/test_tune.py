@@ -145,6 +145,16 @@ def test_without_optuna_the_error_names_the_extra(monkeypatch):
         tune_package.optuna_module()
 
 
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("tune_*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "space" in yaml.safe_load(p.read_text())],
+                         ids=lambda p: p.name)
+def test_shipped_tune_files_load(path, tmp_path):
+    tune = load_tune(path, {"data_dir": str(tmp_path)}, {})
+    assert tune.params and tune.base_config.val_split > 0 and tune.base["data_dir"] == str(tmp_path)
+
+
 # --- bookkeeping: what counts, what is retried ---------------------------------------------------------
 
 def _dead_pid() -> int:
