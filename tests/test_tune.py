@@ -128,9 +128,9 @@ def test_bad_input_is_one_line_and_exit_2_before_training(tmp_path, capsys, case
     err = capsys.readouterr().err.strip()
     says = {"text as sqlite": "is not an SQLite database", "foreign sqlite": "tables invoices",
             "foreign journal": "not an Optuna journal file", "no val split": "--val-split",
-            "bad objective": "exit:5", "summary of nothing": "holds 0 studies", "resume given": "--resume"}[case]
+            "bad objective": "exit:5", "summary of nothing": "empty.db: no such file", "resume given": "--resume"}[case]
     assert err.startswith("byot: error:") and says in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "digits").exists()  # no study folder, no trial
+    assert not (tmp_path / "digits").exists() and not (tmp_path / "empty.db").exists()  # no folder, no trial
 
 
 def test_without_optuna_the_error_names_the_extra(monkeypatch):

@@ -93,12 +93,15 @@ def _check_journal(path: Path) -> None:
                         "or a database URL") from e
 
 
-def open_storage(text: str) -> Any:
+def open_storage(text: str, create: bool = True) -> Any:
     """The Optuna storage of ``--storage``: RDB (with heartbeats, so that a dead machine's trial is retried
-    elsewhere) or a journal file (Optuna's JournalFileBackend; one machine, or a shared file system)."""
+    elsewhere) or a journal file (Optuna's JournalFileBackend; one machine, or a shared file system).
+    ``create=False`` (a summary): a storage file that does not exist is an error, not a new file."""
     optuna = optuna_module()
     url = storage_url(text)
     path = storage_file(url)
+    if not create and path is not None and not path.exists():
+        raise ByotError(f"--storage {text}: no such file; give the storage a study wrote")
     try:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
