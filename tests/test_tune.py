@@ -261,20 +261,31 @@ shutil.copy(checkpoint, run / "model_best.pth.tar")  # a real trained model stan
 """
 
 
-def test_the_early_exit_objective_scores_the_policy_fitted_on_validation(tmp_path, monkeypatch, digits_checkpoint):
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """model_best of a real two-epoch digits run with a validation split (a few seconds)."""
+    from byot.config import build_config
+    from byot.engine.fit import fit
+
+    root = tmp_path_factory.mktemp("small_run")
+    fit(build_config({}, {**DIGITS, "width": 8, "val_split": 0.25, "save_folder": str(root), "progress": False}))
+    return root / "multi_resnet18_kd" / "model_best.pth.tar"
+
+
+def test_the_early_exit_objective_scores_the_policy_fitted_on_validation(tmp_path, monkeypatch, small_checkpoint):
     from byot.deploy.run import fit_on_validation
     from byot.engine.resolve import resolve_config
 
     script = tmp_path / "trainer.py"
     script.write_text(EARLY_EXIT_TRAINER)
     monkeypatch.setattr(runner, "trial_command", lambda arch, root: [sys.executable, str(script), str(root),
-                                                                     str(digits_checkpoint)])
+                                                                     str(small_checkpoint)])
     monkeypatch.setattr(runner, "POLL_SECONDS", 0.1)
     tune = load_tune(write_tune(tmp_path, {"alpha": [0.1, 0.3]}, base={"width": 8, "val_split": 0.25}, trials=1),
                      {}, {"objective": "early-exit", "max_drop": 2.0})
     study = runner.run_study(tune, open_storage(str(tmp_path / "study.db")), tmp_path / "out", jobs=1)
     (trial,) = study.get_trials()
-    cfg, checkpoint = resolve_config({"resume": str(digits_checkpoint)})
+    cfg, checkpoint = resolve_config({"resume": str(small_checkpoint)})
     expected = fit_on_validation(cfg, checkpoint, "deepest", max_drop=2.0)
     assert trial.state.name == "COMPLETE" and study.directions[1].name == "MINIMIZE"
     assert trial.values == pytest.approx([expected["val"]["top1"], expected["val"]["mean_flops"]])
@@ -362,14 +373,14 @@ def test_a_study_killed_and_interrupted_continues_and_gives_a_best_yaml_that_tra
 
 
 def test_two_tuners_share_one_journal_storage_without_counting_a_trial_twice(tmp_path):
-    tune = write_tune(tmp_path, {"lr": {"low": 0.02, "high": 0.2}}, trials=4, base={"epochs": 1}, pruner="none")
+    tune = write_tune(tmp_path, {"lr": {"low": 0.02, "high": 0.2}}, trials=3, base={"epochs": 1}, pruner="none")
     args = [str(tune), "--storage", "study.log"]  # Optuna's journal file: several processes, one file
     procs = [_tuner(args, tmp_path) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     trials = optuna.load_study(study_name="digits", storage=open_storage(str(tmp_path / "study.log"))).get_trials()
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    assert len(complete) == 4 and all(t.user_attrs.get(STATE) in ("done", "surplus") for t in trials)
-    assert len({t.user_attrs["run_dir"] for t in complete}) == 4
+    assert len(complete) == 3 and all(t.user_attrs.get(STATE) in ("done", "surplus") for t in trials)
+    assert len({t.user_attrs["run_dir"] for t in complete}) == 3
     workers = {t.user_attrs["worker"]["pid"] for t in complete}
     assert len(workers) == 2  # both tuners trained trials of the one study
