@@ -187,7 +187,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     storage_text = settings["storage"] or (f"runs/tune/{slug(name)}.db" if name else None)
     if storage_text is None:
-        raise ByotError("byot tune --summary needs --storage (the study's storage) ")
+        raise ByotError("byot tune --summary needs --storage (the study's storage)")
     storage = open_storage(storage_text, create=not settings["summary"])
     if tune is not None and not settings["summary"]:
         from byot.engine.children import StoppedBySignal

@@ -24,7 +24,6 @@ from byot.tune.study import IDENTITY, MACHINE, STATE, counted
 log = logging.getLogger("byot")
 
 TEST_RESULTS = "test_results.json"  # {trial number: its one test evaluation}
-PLOTS = ("history.png", "importances.png", "intermediate.png", "pareto.png")
 
 
 def identity(study: Any) -> dict[str, Any]:

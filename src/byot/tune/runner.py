@@ -6,7 +6,6 @@ marked interrupted, and the next ``byot tune`` resumes it from that epoch."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import threading
@@ -51,7 +50,6 @@ class Workers:
     threads: int  # torch threads per trial process
     stopper: ChildStopper
     errors: list[BaseException] = field(default_factory=list)
-    ended: list[str] = field(default_factory=list)  # one line per trial this process ended
     failures: int = 0  # trials in a row this process saw fail in training
 
     @property
@@ -262,11 +260,8 @@ def _end(w: Workers, trial: Any, state: str, line: str, values: list[float] | No
     trial.set_user_attr(STATE, state)
     w.study.tell(trial, values=values, state=getattr(optuna.trial.TrialState, states.get(state, "FAIL")))
     (log.warning if state == "error" else log.info)(line)
-    w.ended.append(line)
     w.failures = w.failures + 1 if state == "error" else 0 if state in ("done", "pruned") else w.failures
     finished = any(t.state.name in ("COMPLETE", "PRUNED") for t in w.study.get_trials(deepcopy=False))
     if w.failures >= FAILURES_TO_STOP and not finished:  # the data or a base option, not the parameters
         w.errors.append(ByotError(f"the first {w.failures} trials failed, the last with: {error}; see its "
                                   f"{TRIAL_LOG}, fix the base config and run again"))
-    if state == "done" and values and any(not math.isfinite(v) for v in values):
-        log.warning("%s: a value is not finite", line)

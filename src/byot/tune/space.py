@@ -72,13 +72,6 @@ class Param:
         ends = [self.low, self.high]
         return [int(v) for v in ends] if self.kind == "int" else [float(v) for v in ends]
 
-    def describe(self) -> str:
-        if self.kind == "categorical":
-            return "one of " + ", ".join(map(str, self.choices))
-        scale = ", log" if self.log else ""
-        step = f", step {self.step:g}" if self.step else ""
-        return f"{self.kind} in [{self.low:g}, {self.high:g}{scale}{step}]"
-
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, (), False) or k == "kind"}
 

@@ -114,7 +114,6 @@ class Tune:
     sampler: str
     sampler_seed: int
     base_config: TrainConfig  # ``base`` at the first extreme of each parameter: what every trial has in common
-    source: str = ""
 
     def identity(self) -> dict[str, Any]:
         """What a study stores at its creation, and a later run must agree with to continue it (``base``
@@ -209,7 +208,7 @@ def load_tune(path: str | Path, overrides: dict[str, Any], settings: dict[str, A
     name = str(merged["name"]).strip()
     slug(name)  # names its folders: it needs letters or digits
     return Tune(name, base, params, objective, trials, parse_pruner(merged.get("pruner"), objective), sampler,
-                merged.get("sampler_seed", 0), cfg, str(path))
+                merged.get("sampler_seed", 0), cfg)
 
 
 def replace_name(tune: Tune, name: str | None) -> Tune:

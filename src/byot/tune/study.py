@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from byot.engine.rundir import pid_alive
 from byot.errors import ByotError
 from byot.tune import optuna_module
 from byot.tune.spec import Tune
@@ -160,7 +161,7 @@ def _differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v]
 
 
-def open_study(tune: Tune, storage: Any, seed_offset: int = 0) -> Any:
+def open_study(tune: Tune, storage: Any) -> Any:
     """The study ``tune.name`` in ``storage``: created with the tune's settings, or loaded when it exists and
     was created with the same ones (a study continues only what it started)."""
     optuna = optuna_module()
@@ -170,7 +171,7 @@ def open_study(tune: Tune, storage: Any, seed_offset: int = 0) -> Any:
     count = len(probe.trials) if probe is not None else 0
     others = bool(probe and any(t.state.name == "RUNNING" for t in probe.trials))
     # a study run in one process from its start repeats its proposals; workers that join it draw their own
-    seed = tune.sampler_seed + 7919 * count + (os.getpid() if others else 0) + seed_offset
+    seed = tune.sampler_seed + 7919 * count + (os.getpid() if others else 0)
     sampler, pruner = make_sampler(tune, seed), make_pruner(tune)
     if probe is None:
         study = optuna.create_study(study_name=tune.name, storage=storage, directions=tune.objective.directions,
@@ -238,12 +239,8 @@ def _start_time(pid: int) -> int | None:
 
 def worker_alive(worker: dict[str, Any]) -> bool:
     pid = int(worker.get("pid", -1))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     started = worker.get("started")
     return started is None or _start_time(pid) in (None, started)
 
