@@ -164,12 +164,9 @@ def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: 
     if budget_flops is not None or max_drop is not None:
         val_logits, val_targets = collect_logits(model, _held_out(cfg, checkpoint, data, "fitting thresholds"),
                                                  runtime)
-        policy = fit_thresholds(val_logits, val_targets, costs, temperatures, final, budget_flops, max_drop)
+        policy, fitted = _fit(val_logits, val_targets, costs, temperatures, final, budget_flops, max_drop)
         criterion = {"budget_flops": budget_flops} if budget_flops is not None else {"max_drop": max_drop}
-        result["fitted"] = {**policy.to_dict(), "criterion": criterion, "fitted_on": "val",
-                            "val": policy_stats(val_logits, val_targets, costs, policy),
-                            "val_reference_top1": policy_stats(val_logits, val_targets, costs, ExitPolicy(
-                                tuple([NEVER] * len(policy.thresholds)), temperatures, final))["top1"],
+        result["fitted"] = {**fitted, "criterion": criterion, "fitted_on": "val",
                             "test": _scored(test_logits, test_targets, policy, costs)}
         update_checkpoint(path, {"early_exit": {**policy.to_dict(), "criterion": criterion, "fitted_on": "val"}},
                           fitted_on=checkpoint.get(DIGEST))
@@ -197,11 +194,17 @@ def fit_on_validation(cfg: TrainConfig, checkpoint: dict, final: str = "deepest"
     _need_exits(model)
     costs = exit_costs(model, checkpoint["image_size"])
     logits, targets = collect_logits(model, _held_out(cfg, checkpoint, data, "fitting thresholds"), runtime)
-    policy = fit_thresholds(logits, targets, costs, (), final, budget_flops, max_drop)
-    reference = ExitPolicy(tuple([NEVER] * len(policy.thresholds)), (), final)
-    return {**policy.to_dict(), "val": policy_stats(logits, targets, costs, policy),
-            "val_reference_top1": policy_stats(logits, targets, costs, reference)["top1"],
-            "full_flops": costs[-1]["flops"], "num_images": len(targets)}
+    _, fitted = _fit(logits, targets, costs, (), final, budget_flops, max_drop)
+    return {**fitted, "full_flops": costs[-1]["flops"], "num_images": len(targets)}
+
+
+def _fit(logits: torch.Tensor, targets: torch.Tensor, costs: list[dict], temperatures: tuple[float, ...], final: str,
+         budget_flops: float | None, max_drop: float | None) -> tuple[ExitPolicy, dict[str, Any]]:
+    """Thresholds fitted on validation logits, with the policy's score there and the final exit's alone."""
+    policy = fit_thresholds(logits, targets, costs, temperatures, final, budget_flops, max_drop)
+    reference = ExitPolicy(tuple([NEVER] * len(policy.thresholds)), temperatures, final)
+    return policy, {**policy.to_dict(), "val": policy_stats(logits, targets, costs, policy),
+                    "val_reference_top1": policy_stats(logits, targets, costs, reference)["top1"]}
 
 
 def _top1(scores: torch.Tensor, targets: torch.Tensor) -> float:
