@@ -31,14 +31,27 @@ def _tuner(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_epochs(path: Path, epochs: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _epochs(path: Path) -> list[int]:
+    """The epochs of a metrics file's complete lines (a line being written is not one yet)."""
+    if not path.exists():
+        return []
+    epochs = []
+    for line in path.read_text().splitlines():
+        try:
+            epochs.append(json.loads(line)["epoch"])
+        except (ValueError, KeyError):
+            continue
+    return epochs
+
+
+def _wait_until(done, proc: subprocess.Popen | None, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= epochs:
+        if done():
             return
-        assert proc.poll() is None, proc.communicate()[0]
+        assert proc is None or proc.poll() is None, proc.communicate()[0]
         time.sleep(0.1)
-    raise AssertionError(f"{path} did not reach {epochs} epochs")
+    raise AssertionError(f"waited {timeout:.0f} s for {what}")
 
 
 def _no_byot_train_left(folder: Path) -> bool:
@@ -51,23 +64,26 @@ def test_a_study_killed_and_interrupted_continues_and_gives_a_best_yaml_that_tra
                       pruner="none")  # 4 epochs: the Ctrl-C after epoch 2 reaches the trial well before its end
     args = [str(tune), "--storage", "study.db"]
     first = tmp_path / "digits" / "trials" / "trial-0000" / "multi_resnet18_kd" / "metrics.jsonl"
+    log = first.parent.parent / "tune.log"
     proc = _tuner(args, tmp_path)
-    _wait_for_epochs(first, 1, proc)
+    _wait_until(lambda: _epochs(first), proc, "trial 0's first epoch")
     proc.kill()  # kill -9: the tuner leaves its trial RUNNING; the trial's child saves its epoch and stops
     proc.wait()
-    deadline = time.monotonic() + 60
-    while not _no_byot_train_left(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _no_byot_train_left(tmp_path)  # no orphan training on
+    _wait_until(lambda: "interrupted (SIGTERM)" in log.read_text() and _no_byot_train_left(tmp_path), None,
+                "trial 0's byot train to stop (no orphan training on)", timeout=60)
+    killed_after = len(_epochs(first))  # epochs trial 0 had saved (1, unless the kill came late)
     storage = open_storage(str(tmp_path / "study.db"))
     assert [t.state.name for t in optuna.load_study(study_name="digits", storage=storage).trials] == ["RUNNING"]
 
     proc = _tuner(args, tmp_path)  # continues: trial 0 is retried as trial 1, resuming its run directory
-    _wait_for_epochs(first, 2, proc)
+    _wait_until(lambda: log.read_text().count("resumed from") == 1 and len(_epochs(first)) > killed_after, proc,
+                "trial 1 to resume trial 0's run and finish an epoch")
     proc.send_signal(signal.SIGINT)  # Ctrl-C: stops like byot train, the trial is resumed next time
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output
     assert output.strip().splitlines()[-1].startswith("byot: interrupted (Ctrl-C)")
+    interrupted_after = len(_epochs(first))
+    assert interrupted_after < 4  # the Ctrl-C came before the trial's end
 
     proc = _tuner(args, tmp_path)
     output = proc.communicate(timeout=300)[0]
@@ -77,9 +93,10 @@ def test_a_study_killed_and_interrupted_continues_and_gives_a_best_yaml_that_tra
     assert states[:3] == [("FAIL", "running", None), ("FAIL", "interrupted", 0), ("COMPLETE", "done", 1)]
     assert [s[0] for s in states[3:]] == ["COMPLETE"] and sum(counted(t) for t in trials) == 2  # none counted twice
     assert {t.user_attrs["run_dir"] for t in trials[:3]} == {"trials/trial-0000"}  # one run, resumed twice
-    assert [json.loads(line)["epoch"] for line in first.read_text().splitlines()] == [1, 2, 3, 4]
-    log = (first.parent.parent / "tune.log").read_text()
-    assert log.count("resumed from") == 2 and "after epoch 1" in log
+    assert _epochs(first) == [1, 2, 3, 4]
+    text = log.read_text()
+    assert text.count("resumed from") == 2, text
+    assert f"after epoch {killed_after} " in text and f"after epoch {interrupted_after} " in text, text
     assert not (first.parent / "test_result.json").exists()  # trials never see the test split...
     study_dir = tmp_path / "digits"
     tested = json.loads((study_dir / "test_results.json").read_text())
