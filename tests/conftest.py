@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import fcntl
 import json
 import logging
 import os
@@ -90,15 +90,25 @@ def _need(path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def cifar100_full(tmp_path_factory) -> dict:
-    """The real CIFAR-100 pickles, unpacked once per session: {"train": dict, "test": dict, "meta": dict}."""
+    """The real CIFAR-100 pickles, unpacked once per test run: {"train": dict, "test": dict, "meta": dict}.
+
+    Decompressing the xz archive takes seconds (about 12 on the 2-core CPU), so one worker writes its
+    pickles into the run's temporary folder and the others read them from there."""
     _need(CIFAR100_TAR)
-    out = {}
-    with tarfile.open(CIFAR100_TAR, "r:xz") as tar:
-        for member in tar.getmembers():
-            if member.isfile():
-                out[Path(member.name).name] = pickle.load(io.BytesIO(tar.extractfile(member).read()),
-                                                           encoding="latin1")
-    return out
+    basetemp = tmp_path_factory.getbasetemp()
+    shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp  # this run's, not the next
+    folder = shared / "cifar-100-python-unpacked"
+    with open(shared / "cifar-100-python.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not folder.exists():
+            staging = shared / f".cifar-100-python-{os.getpid()}"
+            staging.mkdir()
+            with tarfile.open(CIFAR100_TAR, "r|xz") as tar:  # a stream: decompressed once, front to back
+                for member in tar:
+                    if member.isfile():
+                        (staging / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+            staging.rename(folder)
+    return {p.name: pickle.loads(p.read_bytes(), encoding="latin1") for p in folder.iterdir()}
 
 
 def write_cifar100_subset(root: Path, full: dict, n_train: int, n_test: int) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import yaml
 from conftest import metrics
 
 import byot.engine.children as children_module
+import byot.sweep as sweep_module
 from byot.cli import main
 from byot.config import TrainConfig, build_config, save_yaml
 from byot.errors import ByotError
@@ -43,6 +46,26 @@ def write_sweep(tmp: Path, rows: list[dict], seeds=(0,), **base) -> Path:
     return path
 
 
+@pytest.fixture
+def children_in_process(monkeypatch):
+    """The sweep's ``byot train`` children run in this process: the same command line through
+    ``byot.cli.main``, its output appended to the same log. The tests of what a sweep plans, keeps, redoes
+    and reports then skip each child's seconds of start-up; the child processes themselves are tested by
+    test_a_failing_run_is_reported_and_the_rest_go_on and the signal tests below."""
+    def run(command: list[str], log_path: Path) -> int:
+        assert command[:4] == [sys.executable, "-m", "byot", "train"]
+        logger = logging.getLogger("byot")
+        handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            try:
+                return main(command[3:])
+            finally:  # the sweep's own lines go where they went before
+                logger.handlers[:], logger.propagate = handlers, propagate
+                logger.setLevel(level)
+    monkeypatch.setattr(sweep_module, "_run_child", run)
+
+
+@pytest.mark.usefixtures("children_in_process")
 def test_sweep_runs_every_row_and_seed_then_resumes_only_what_is_missing(tmp_path, capsys):
     path = write_sweep(tmp_path, [{"name": "plain", "options": {"distill": False}}, {"name": "byot"}], seeds=(0, 1))
     assert main(["sweep", str(path)]) == 0
@@ -254,6 +277,7 @@ def test_a_run_that_did_not_produce_a_new_result_is_failed_not_its_old_numbers(t
     assert status.state == "failed" and status.result == {}
 
 
+@pytest.mark.usefixtures("children_in_process")
 def test_a_finished_run_whose_options_changed_is_retrained_and_an_unchanged_one_kept(tmp_path, capsys):
     rows = [{"name": "same"}, {"name": "changed", "options": {"lr": 0.1}}]
     path = write_sweep(tmp_path, rows)

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from byot.data.batches import ONE_PROCESS, Shard
 
@@ -95,11 +95,22 @@ def hard_labels(targets: Targets) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- the draws
+def _v2() -> ModuleType:
+    """torchvision.transforms.v2, imported when a policy first needs it: importing torchvision takes seconds
+    (it imports torch._dynamo), which every ``byot train`` without a policy, and every sweep or tune trial,
+    would otherwise pay at start-up."""
+    from torchvision.transforms import v2
+
+    return v2
+
+
 def _space(policy: str) -> dict:
+    v2 = _v2()
     cls = {"autoaugment": v2.AutoAugment, "randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}
     return cls[policy]._AUGMENTATION_SPACE
 
 
+@lru_cache(maxsize=32)
 def _magnitude_table(policy: str, bins: int, height: int, width: int) -> torch.Tensor:
     """(len(OPS), bins) each operation's magnitude per bin (0 where it has none), float32 as torchvision's."""
     table = torch.zeros(len(OPS), bins)
@@ -110,6 +121,7 @@ def _magnitude_table(policy: str, bins: int, height: int, width: int) -> torch.T
     return table
 
 
+@lru_cache(maxsize=8)
 def _signed(policy: str) -> torch.Tensor:
     signed = torch.zeros(len(OPS), dtype=torch.bool)
     for name, (_, is_signed) in _space(policy).items():
@@ -117,8 +129,10 @@ def _signed(policy: str) -> torch.Tensor:
     return signed
 
 
+@lru_cache(maxsize=4)
 def _autoaugment_table(which: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The policy's sub-policies as (P, 2) op indices, (P, 2) probabilities and (P, 2) magnitude bins."""
+    v2 = _v2()
     kind = {"cifar10": v2.AutoAugmentPolicy.CIFAR10, "imagenet": v2.AutoAugmentPolicy.IMAGENET}[which]
     policies = v2.AutoAugment(kind)._get_policies(kind)
     ops = torch.tensor([[OP_INDEX[name] for name, _, _ in sub] for sub in policies])
@@ -304,6 +318,8 @@ def apply_operations(images: torch.Tensor, op: torch.Tensor, magnitude: torch.Te
     """uint8 (B, C, H, W): image i gets operation ``op[i]`` (an index into ``OPS``) at ``magnitude[i]``, the
     way torchvision's ``_apply_image_or_video_transform`` applies it to one image. Every operation runs on
     the whole batch and each image keeps its own result: no data-dependent branch, so no host sync."""
+    from torchvision.transforms.v2 import functional as TF
+
     h, w = images.shape[-2:]
     factor = 1.0 + magnitude.double()  # torchvision adds 1 to a Python float
     results = {
