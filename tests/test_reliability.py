@@ -141,6 +141,27 @@ def test_a_second_ctrl_c_exits_at_once(monkeypatch):
     assert stopped.value.exit_code == 130  # the held first one, raised once the write completed
 
 
+def test_a_parents_death_announced_once_per_thread_is_one_stop(monkeypatch):
+    # a sweep's or a tuner's child asks for SIGHUP when its parent ends (PR_SET_PDEATHSIG); the kernel sends
+    # it again each time the orphan passes to another thread of the dying parent (a killed 8-thread parent:
+    # up to 7 times, measured). Counted as second signals, they ended the child in the middle of saving its
+    # epoch; they are one stop, and a SIGTERM after it still ends the process at once
+    from byot.engine import signals
+
+    exits = []
+    monkeypatch.setattr(signals.os, "_exit", lambda code: exits.append(code))
+    with signals.handle_signals(), pytest.raises(signals.Interrupted) as stopped, signals.critical_section():
+        for _ in range(7):
+            signals._handler(signal.SIGHUP, None)
+        assert exits == []  # the write in progress goes on
+    assert stopped.value.exit_code == 129 and exits == []  # one stop, once the write was complete
+    assert signals.signal_name(signal.SIGHUP) == "SIGHUP: its parent process or terminal ended"
+    with signals.handle_signals(), pytest.raises(signals.Interrupted), signals.critical_section():
+        signals._handler(signal.SIGHUP, None)
+        signals._handler(signal.SIGTERM, None)  # a real second signal
+        assert exits == [143]
+
+
 def test_after_a_stop_a_helper_threads_lost_connection_is_not_printed(capsys):
     # multiprocessing.resource_sharer's thread (which hands DataLoader workers' tensors over) reports its own
     # errors through sys.excepthook: a worker stopped by the same Ctrl-C mid-handshake is no traceback

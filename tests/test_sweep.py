@@ -382,8 +382,8 @@ def test_sigterm_stops_the_sweep_and_its_training_child_together(tmp_path):
 
 
 def test_a_sweep_killed_outright_takes_its_training_child_with_it(tmp_path):
-    # kill -9 (or a closed terminal's SIGHUP) gives the sweep no chance to forward anything: the child,
-    # in its own session, learns of it from the kernel (PR_SET_PDEATHSIG) and stops as on SIGTERM
+    # kill -9 gives the sweep no chance to forward anything: the child, in its own session, learns of it
+    # from the kernel (PR_SET_PDEATHSIG: SIGHUP) and stops as on SIGTERM, saying why
     if not sys.platform.startswith("linux"):
         pytest.skip("parent-death signals are Linux's")
     path = write_sweep(tmp_path, [{"name": "long"}], epochs=1000, val_split=0.0)
@@ -409,7 +409,8 @@ def test_a_sweep_killed_outright_takes_its_training_child_with_it(tmp_path):
         for pid in train:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-    assert "interrupted (SIGTERM)" in (tmp_path / "runs" / "long" / "seed0" / "sweep.log").read_text()
+    assert "interrupted (SIGHUP: its parent process or terminal ended)" in \
+        (tmp_path / "runs" / "long" / "seed0" / "sweep.log").read_text()
 
 
 def test_results_that_cannot_be_written_are_one_line(tmp_path):

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import re
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -61,6 +60,7 @@ from byot.engine.checkpoint import write_text_atomic
 from byot.engine.children import ChildStopper, StoppedBySignal, appended_log, start_child
 from byot.engine.rundir import LATEST, PREVIOUS, run_files
 from byot.engine.runfiles import read_metrics, read_test_result
+from byot.engine.signals import signal_name
 from byot.errors import ByotError, describe_os_error
 
 log = logging.getLogger("byot")
@@ -374,7 +374,7 @@ def _run_child(command: list[str], log_path: Path) -> int:
         stopper.watch(proc)
         code = stopper.wait(proc)
     if stopper.received:
-        name = signal.Signals(stopper.received[0]).name
+        name = signal_name(stopper.received[0])
         log.warning("byot sweep: interrupted (%s); the run in progress stopped at its last saved epoch; "
                     "rerun the sweep to continue", name)
         raise SweepInterrupted(stopper.received[0])

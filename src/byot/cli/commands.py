@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +45,7 @@ def _run_training(given: dict[str, Any], config_file: str | None, overwrite: boo
     from byot.engine.fit import fit
     from byot.engine.resolve import resolve_config
     from byot.engine.rundir import LATEST
-    from byot.engine.signals import Interrupted, handle_signals
+    from byot.engine.signals import Interrupted, handle_signals, signal_name
 
     main_process = launched_by_torchrun().is_main  # under torchrun only rank 0 logs, prints and writes
     show_bar = given.get("progress", True) and sys.stderr.isatty() and main_process
@@ -64,7 +63,7 @@ def _run_training(given: dict[str, Any], config_file: str | None, overwrite: boo
         latest = cfg.run_dir / LATEST
         where = (f"continue with --resume {latest} (or --resume auto)" if latest.exists()
                  else "no epoch had finished, so there is nothing to resume")
-        name = "SIGTERM" if isinstance(e, Interrupted) and e.signum == signal.SIGTERM else "Ctrl-C"
+        name = signal_name(e.signum) if isinstance(e, Interrupted) else "Ctrl-C"
         print(f"byot: interrupted ({name}); every finished epoch is saved: {where}", file=sys.stderr)
         return code
     if not main_process:
@@ -191,12 +190,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     storage = open_storage(storage_text, create=not settings["summary"])
     if tune is not None and not settings["summary"]:
         from byot.engine.children import StoppedBySignal
+        from byot.engine.signals import signal_name
         from byot.tune.runner import run_study
 
         try:
             study = run_study(tune, storage, _study_folder(settings["out"], storage_text, tune.name), settings["jobs"])
         except StoppedBySignal as e:
-            name = "SIGTERM" if e.signum == signal.SIGTERM else "Ctrl-C"
+            name = signal_name(e.signum)
             print(f"byot: interrupted ({name}); the trials in progress stopped at their last saved epoch: rerun the "
                   "same command to continue the study (they resume from there)", file=sys.stderr)
             return int(e.code)

@@ -1,10 +1,10 @@
 """``byot train`` children of a parent command (``byot sweep``, ``byot tune``): started in their own session,
 stopped together on SIGINT or SIGTERM, never left behind.
 
-The first signal to the parent is forwarded once to every child, which then has ``CHILD_STOP_SECONDS`` to
-save its epoch and stop; a second signal, or the end of that time, kills each child's whole process group
-(its DataLoader workers too). A child also gets SIGTERM when the parent dies without forwarding (kill -9,
-a closed terminal), through ``STOP_WITH_PARENT``.
+The first signal to the parent (SIGINT, SIGTERM, or SIGHUP from a closed terminal) is forwarded once to
+every child, which then has ``CHILD_STOP_SECONDS`` to save its epoch and stop; a second SIGINT or SIGTERM,
+or the end of that time, kills each child's whole process group (its DataLoader workers too). A child also
+gets SIGHUP when the parent dies without forwarding (kill -9), through ``STOP_WITH_PARENT``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-from byot.engine.signals import HANDLED, STOP_WITH_PARENT
+from byot.engine.signals import HANDLED, PARENT_ENDED, STOP_WITH_PARENT
 
 CHILD_STOP_SECONDS = 60.0  # after a first signal, how long a child may take to save and stop before it is killed
 POLL_SECONDS = 0.2  # how often a wait looks at the deadline of a signal that came
@@ -64,6 +64,8 @@ class ChildStopper:
         return bool(self.received)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == PARENT_ENDED and self.received:
+            return  # a hang-up never counts as a second signal (byot.engine.signals)
         self.received.append(signum)
         with self.lock:
             procs = list(self.deadlines)
@@ -134,7 +136,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 def start_child(command: list[str], logfile: Any, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``command`` with its output into ``logfile``, in its own session: a terminal's Ctrl-C, sent to
     the foreground process group, reaches the parent alone, which forwards it once (the child never gets two
-    signals from one keypress); and it stops (SIGTERM: saving its epoch) if the parent dies without
+    signals from one keypress); and it stops (SIGHUP: saving its epoch) if the parent dies without
     forwarding."""
     env = {**os.environ, **(env or {}), STOP_WITH_PARENT: str(os.getpid())}
     return subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True, env=env)

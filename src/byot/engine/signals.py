@@ -1,8 +1,14 @@
-"""Ctrl-C and SIGTERM during training: stop within seconds, never in the middle of a checkpoint write.
+"""Ctrl-C, SIGTERM and SIGHUP during training: stop within seconds, never in the middle of a checkpoint write.
 
 A checkpoint is written after every epoch, so stopping loses at most the epoch in progress. The first
 signal raises ``Interrupted`` where the program is (a checkpoint write in progress finishes first); a
-second one ends the process at once, whatever it is doing.
+second SIGINT or SIGTERM ends the process at once, whatever it is doing.
+
+SIGHUP (``PARENT_ENDED``) says that the terminal or the parent process is gone: a child of ``byot sweep`` or
+``byot tune`` asks the kernel for it when its parent ends (``PR_SET_PDEATHSIG``). It stops the run like a
+first signal, and never counts as a second one: the kernel sends it again each time the orphan passes to
+another thread of its dying parent (a killed tuner with eight threads sent it seven times), and a second
+signal there would end the child in the middle of the epoch it was saving.
 """
 
 from __future__ import annotations
@@ -17,13 +23,23 @@ import threading
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 
-HANDLED = (signal.SIGINT, signal.SIGTERM)
+PARENT_ENDED: int | None = getattr(signal, "SIGHUP", None)  # None on Windows
+HANDLED = (signal.SIGINT, signal.SIGTERM, *((PARENT_ENDED,) if PARENT_ENDED is not None else ()))
 PR_SET_PDEATHSIG = 1  # Linux prctl option: the signal a process gets when its parent ends
-STOP_WITH_PARENT = "BYOT_STOP_WITH_PARENT"  # env: a PID; byot gets SIGTERM when that process ends (byot sweep)
+STOP_WITH_PARENT = "BYOT_STOP_WITH_PARENT"  # env: a PID; byot gets SIGHUP when that process ends (sweep, tune)
+
+
+def signal_name(signum: int) -> str:
+    """How a stop message names the signal."""
+    if signum == signal.SIGINT:
+        return "Ctrl-C"
+    if signum == PARENT_ENDED:
+        return "SIGHUP: its parent process or terminal ended"
+    return signal.Signals(signum).name
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived; ``exit_code`` is the shell's 128 + signal number (130, 143).
+    """SIGINT, SIGTERM or SIGHUP arrived; ``exit_code`` is the shell's 128 + signal number (130, 143, 129).
 
     A BaseException, like KeyboardInterrupt, so that ``except Exception`` clauses do not swallow it.
     """
@@ -63,16 +79,19 @@ def die_with_parent(signum: int, parent: int) -> None:
 
 
 def stop_with_parent_if_asked() -> None:
-    """At start-up of a process that ``byot sweep`` launched: SIGTERM when the sweep ends (set here, in the
-    child itself, rather than between fork and exec, where a threaded parent makes ctypes unsafe)."""
+    """At start-up of a process that ``byot sweep`` or ``byot tune`` launched: SIGHUP when the parent ends
+    (set here, in the child itself, rather than between fork and exec, where a threaded parent makes ctypes
+    unsafe). Before the handlers are installed, SIGHUP's default action ends the process, as SIGTERM's."""
     parent = os.environ.pop(STOP_WITH_PARENT, "")
-    if parent.isdigit():
-        die_with_parent(signal.SIGTERM, int(parent))
+    if parent.isdigit() and PARENT_ENDED is not None:
+        die_with_parent(PARENT_ENDED, int(parent))
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
     if os.getpid() != _state["pid"]:  # a forked worker that inherited the handler: the main process stops it
         return
+    if signum == PARENT_ENDED and _state["received"]:
+        return  # stopping already; the parent's death is announced once per thread it had (see above)
     _state["received"] += 1
     if _state["received"] > 1:
         os._exit(128 + signum)  # the second signal: at once, no cleanup
