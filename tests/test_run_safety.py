@@ -293,17 +293,6 @@ def test_ctrl_c_outside_training_says_interrupted_without_the_training_hint(monk
         assert capsys.readouterr().err.strip() == "byot: interrupted (Ctrl-C)"
 
 
-def test_training_without_a_policy_never_imports_torchvision():
-    """Importing torchvision takes seconds (it imports torch._dynamo): every byot train child of a sweep or
-    a study would pay them at start-up. Only a policy (AutoAugment, ...) or a torchvision model needs it."""
-    code = ("import sys; from byot.cli.parser import build_parser; from byot.engine import fit, build; "
-            "from byot.data.augment import AugmentSpec, draw_operations; import torch; build_parser()\n"
-            "print('torchvision' in sys.modules, end=' ')\n"
-            "draw_operations(AugmentSpec('randaugment', 'cifar10', 128, 0), 2, 32, 32, torch.Generator())\n"
-            "print('torchvision' in sys.modules)")
-    assert _run([sys.executable, "-c", code]).stdout.strip() == "False True"
-
-
 def test_importing_the_command_line_does_not_import_torch_and_ctrl_c_at_start_up_is_one_line():
     code = "import sys, byot.cli; print('torch' in sys.modules)"
     assert _run([sys.executable, "-c", code]).stdout.strip() == "False"
