@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,34 @@ def test_a_trial_whose_tuner_died_is_failed_and_queued_once_to_resume_its_run_di
     assert not surplus(3, {"retry_of": 1}, trials, 3)  # the retry itself, when a worker takes it
     assert surplus(4, {"retry_of": 1}, trials, 3)  # a copy another worker queued at the same moment
     assert surplus(4, {}, trials, 3) and not surplus(4, {}, trials, 4)  # the study has its 3 trials
+
+
+def test_another_machines_trial_whose_heartbeat_stopped_is_failed_and_queued_to_resume(tmp_path, monkeypatch):
+    # an RDB storage: a trial whose worker ran on another host is judged by its heartbeat alone (short here:
+    # beats every 1 s, stale after 2 s; 20 s and 90 s in use)
+    from byot.tune import study as study_module
+
+    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(study_module, "GRACE_SECONDS", 2)
+    tune = load_tune(write_tune(tmp_path, {"lr": {"low": 0.01, "high": 0.2}}, trials=3), {}, {})
+    storage = open_storage(str(tmp_path / "s.db"))
+    study = open_study(tune, storage)
+    lr = {"lr": optuna.distributions.FloatDistribution(0.01, 0.2)}
+    beating, silent = study.ask(lr), study.ask(lr)
+    for trial, folder in ((beating, "trials/trial-0000"), (silent, "trials/trial-0001")):
+        for k, v in {"run_dir": folder, STATE: "running",
+                     "worker": {"host": "another-machine", "pid": os.getpid(), "started": None}}.items():
+            trial.set_user_attr(k, v)  # a live PID here: the host decides, not this machine's process table
+        storage.record_heartbeat(trial._trial_id)
+    assert recover(study) == [] and [t.state.name for t in study.get_trials()] == ["RUNNING", "RUNNING"]
+    time.sleep(2.5)
+    storage.record_heartbeat(beating._trial_id)  # its machine still trains it
+    notes = recover(study)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["RUNNING", "FAIL", "WAITING"] and len(notes) == 1
+    retry = trials[2]
+    assert retry.user_attrs["retry_of"] == 1 and retry.user_attrs["run_dir"] == "trials/trial-0001"
+    assert retry.system_attrs["fixed_params"] == trials[1].params and sum(counted(t) for t in trials) == 2
 
 
 # --- the workers, with a stand-in trainer: pruning, values, signals ------------------------------------
