@@ -37,3 +37,19 @@ def test_training_never_looks_at_the_test_split_until_the_end(tmp_path, cifar100
     final = json.loads((tmp_path / "multi_resnet18_kd" / "test_result.json").read_text())
     assert final["num_images"] == 101 and final == records[-1]["final_test"]
     assert seen[0].num_samples == seen[1].num_samples < 101  # the hold-out, not the test split
+
+
+def test_no_final_test_holds_for_its_command_alone_and_a_resume_tests_at_the_end(tmp_path):
+    # byot tune's trials train with --no-final-test; training a trial on by hand tests it, as any run
+    from byot.cli import main
+
+    base = ["train", "multi_resnet18_kd", "--dataset", "digits", "--image-size", "16", "--width", "4",
+            "--val-split", "0.2", "--save-folder", str(tmp_path), "--no-progress"]
+    run = tmp_path / "multi_resnet18_kd"
+    assert main([*base, "--epochs", "1", "--no-final-test"]) == 0
+    assert not (run / "test_result.json").exists()
+    latest = str(run / "checkpoint_latest.pth.tar")
+    assert main([*base, "--epochs", "2", "--resume", latest, "--no-final-test"]) == 0  # said again: still none
+    assert not (run / "test_result.json").exists()
+    assert main([*base, "--epochs", "3", "--resume", latest]) == 0
+    assert json.loads((run / "test_result.json").read_text())["epoch"] in (1, 2, 3)  # model_best's, tested once

@@ -44,6 +44,9 @@ def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tup
     # None meant "the data set's own size": a given --image-size is compared with the size it became
     check_same_model(build_config({}, saved), build_config(saved, explicit), source, checkpoint.get("image_size"))
     saved.pop("device", None)  # where it ran before says nothing about where it runs now
+    # a tune trial's --no-final-test is the tuner's choice for that command: a resume that trains a trial
+    # on (by hand) tests it at the end, unless the command line says --no-final-test again
+    saved.pop("final_test", None)
     # where it wrote before neither: the run directory comes from the command line, or from where the
     # checkpoint lies (continue the run it belongs to), never from the file's contents, so a checkpoint
     # received from elsewhere cannot make this run write into a path of its choosing
