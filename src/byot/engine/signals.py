@@ -7,7 +7,7 @@ second SIGINT or SIGTERM ends the process at once, whatever it is doing.
 SIGHUP (``PARENT_ENDED``) says that the terminal or the parent process is gone: a child of ``byot sweep`` or
 ``byot tune`` asks the kernel for it when its parent ends (``PR_SET_PDEATHSIG``). It stops the run like a
 first signal, and never counts as a second one: the kernel sends it again each time the orphan passes to
-another thread of its dying parent (a killed tuner with eight threads sent it seven times), and a second
+another thread of its dying parent (up to seven times for a killed parent of eight threads, measured), and a second
 signal there would end the child in the middle of the epoch it was saving.
 """
 
