@@ -143,8 +143,8 @@ def test_a_second_ctrl_c_exits_at_once(monkeypatch):
 
 def test_a_parents_death_announced_once_per_thread_is_one_stop(monkeypatch):
     # a sweep's or a tuner's child asks for SIGHUP when its parent ends (PR_SET_PDEATHSIG); the kernel sends
-    # it again each time the orphan passes to another thread of the dying parent (a killed 8-thread parent:
-    # up to 7 times, measured). Counted as second signals, they ended the child in the middle of saving its
+    # it again each time the orphan passes to another thread of the dying parent (a killed parent with 8
+    # idle threads besides its main one and the child's starter: up to 7 times, measured). Counted as second signals, they ended the child in the middle of saving its
     # epoch; they are one stop, and a SIGTERM after it still ends the process at once
     from byot.engine import signals
 

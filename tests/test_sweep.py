@@ -356,6 +356,23 @@ def test_a_second_signal_kills_the_child_at_once(tmp_path, monkeypatch):
     assert time.monotonic() - start < 10 and not _alive(int((tmp_path / "pid").read_text()))  # not 60 s
 
 
+def test_a_hang_up_after_a_first_signal_is_not_a_second_one(tmp_path):
+    # SIGHUP (a closed terminal; the kernel may repeat it, see byot.engine.signals) never kills the children
+    # the way a second SIGINT or SIGTERM does
+    with open(tmp_path / "sweep.log", "a") as log, children_module.ChildStopper() as stopper:
+        proc = children_module.start_child(stubborn_child(tmp_path), log)
+        stopper.watch(proc)
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stopper._on_signal(signal.SIGINT, None)  # forwarded once: the stubborn child notes it and goes on
+        stopper._on_signal(signal.SIGHUP, None)
+        time.sleep(0.5)
+        assert proc.poll() is None and stopper.received == [signal.SIGINT]
+        stopper._on_signal(signal.SIGTERM, None)  # a second signal: the child's process group is killed
+        assert stopper.wait(proc) == -signal.SIGKILL
+
+
 def test_sigterm_stops_the_sweep_and_its_training_child_together(tmp_path):
     path = write_sweep(tmp_path, [{"name": "long"}], epochs=1000, val_split=0.0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -21,6 +21,7 @@ optuna = pytest.importorskip("optuna", reason="byot tune needs the tune extra (p
 from test_tune import write_tune
 
 from byot.cli import main
+from byot.engine.runfiles import read_metrics
 from byot.tune.study import STATE, counted, open_storage
 
 # --- whole studies of real byot train processes --------------------------------------------------------
@@ -33,15 +34,7 @@ def _tuner(args: list[str], cwd: Path) -> subprocess.Popen:
 
 def _epochs(path: Path) -> list[int]:
     """The epochs of a metrics file's complete lines (a line being written is not one yet)."""
-    if not path.exists():
-        return []
-    epochs = []
-    for line in path.read_text().splitlines():
-        try:
-            epochs.append(json.loads(line)["epoch"])
-        except (ValueError, KeyError):
-            continue
-    return epochs
+    return [r["epoch"] for r in read_metrics(path.parent)]
 
 
 def _wait_until(done, proc: subprocess.Popen | None, what: str, timeout: float = 120) -> None:
@@ -68,7 +61,7 @@ def test_a_study_killed_and_interrupted_continues_and_gives_a_best_yaml_that_tra
     proc = _tuner(args, tmp_path)
     _wait_until(lambda: _epochs(first), proc, "trial 0's first epoch")
     proc.kill()  # kill -9: the tuner leaves its trial RUNNING; the trial's child saves its epoch and stops
-    proc.wait()  # (it gets SIGHUP once per thread the tuner had: one stop, not a second signal's exit at once)
+    proc.wait()  # (SIGHUP, maybe once per thread the orphan passes to: one stop, not a second signal's exit)
     _wait_until(lambda: "interrupted (SIGHUP" in log.read_text() and _no_byot_train_left(tmp_path), None,
                 "trial 0's byot train to stop (no orphan training on)", timeout=60)
     killed_after = len(_epochs(first))  # epochs trial 0 had saved (1, unless the kill came late)

@@ -7,8 +7,9 @@ second SIGINT or SIGTERM ends the process at once, whatever it is doing.
 SIGHUP (``PARENT_ENDED``) says that the terminal or the parent process is gone: a child of ``byot sweep`` or
 ``byot tune`` asks the kernel for it when its parent ends (``PR_SET_PDEATHSIG``). It stops the run like a
 first signal, and never counts as a second one: the kernel sends it again each time the orphan passes to
-another thread of its dying parent (up to seven times for a killed parent of eight threads, measured), and a second
-signal there would end the child in the middle of the epoch it was saving.
+another thread of its dying parent (up to seven times, measured, for a killed parent with eight idle threads
+besides its main one and the one that started the child), and a second signal there would end the child in
+the middle of the epoch it was saving.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if os.getpid() != _state["pid"]:  # a forked worker that inherited the handler: the main process stops it
         return
     if signum == PARENT_ENDED and _state["received"]:
-        return  # stopping already; the parent's death is announced once per thread it had (see above)
+        return  # stopping already; the kernel may announce the parent's death several times (see above)
     _state["received"] += 1
     if _state["received"] > 1:
         os._exit(128 + signum)  # the second signal: at once, no cleanup
