@@ -25,7 +25,7 @@ from byot.cli.commands import (
     cmd_tune,
 )
 from byot.cli.parser import build_parser
-from byot.errors import ByotError
+from byot.errors import ENVIRONMENT_EXIT, ByotError, describe_os_error, environment_failure
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo, "bench": cmd_bench, "split": cmd_split,
             "check-data": cmd_check_data, "calibrate": cmd_calibrate, "early-exit": cmd_early_exit,
@@ -44,7 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ByotError as e:
         print(f"byot: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return ENVIRONMENT_EXIT if environment_failure(e) else 2
+    except OSError as e:
+        if not environment_failure(e):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"byot: error: {where}{describe_os_error(e)}", file=sys.stderr)
+        return ENVIRONMENT_EXIT
     except KeyboardInterrupt:  # training says how to resume itself; elsewhere nothing is left half-done
         print("byot: interrupted (Ctrl-C)", file=sys.stderr)
         return 130

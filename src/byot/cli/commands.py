@@ -40,7 +40,7 @@ def _setup_logging(progress_bar: bool, quiet: bool = False) -> None:
 
 
 
-def _run_training(given: dict[str, Any], config_file: str | None, overwrite: bool) -> int:
+def _run_training(given: dict[str, Any], config_file: str | None, overwrite: bool, allow_changes: bool = False) -> int:
     from byot.engine.distributed import launched_by_torchrun
     from byot.engine.fit import fit
     from byot.engine.resolve import resolve_config
@@ -50,7 +50,7 @@ def _run_training(given: dict[str, Any], config_file: str | None, overwrite: boo
     main_process = launched_by_torchrun().is_main  # under torchrun only rank 0 logs, prints and writes
     show_bar = given.get("progress", True) and sys.stderr.isatty() and main_process
     _setup_logging(show_bar, quiet=not main_process)
-    cfg, checkpoint = resolve_config(given, config_file)
+    cfg, checkpoint = resolve_config(given, config_file, allow_changes=allow_changes)
     show_bar = cfg.progress and show_bar
     cfg = dataclasses.replace(cfg, progress=show_bar)
     try:
@@ -85,13 +85,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from byot.config import load_yaml
 
     overwrite, config_file = getattr(args, "overwrite", False), getattr(args, "config_file", None)
-    given = _given(args, "overwrite")
+    allow_changes = getattr(args, "allow_changes", False)
+    given = _given(args, "overwrite", "allow_changes")
     if given.get("arch") is None:
         given.pop("arch", None)
         named = "arch" in load_yaml(config_file) if config_file else False
         if not named and not given.get("resume"):
             raise ByotError("byot train needs ARCH (e.g. multi_resnet18_kd), or a --config file that names arch")
-    return _run_training(given, config_file, overwrite)
+    return _run_training(given, config_file, overwrite, allow_changes)
 
 
 
@@ -170,6 +171,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         "itself; leave it out")
     if settings["jobs"] < 1:
         raise ByotError("--jobs must be at least 1")
+    if settings["summary"] and given:
+        raise ByotError("--summary trains nothing: leave out "
+                        + ", ".join("--" + k.replace("_", "-") for k in sorted(given)))
     tune = None
     if settings["config"]:
         from byot.tune.spec import load_tune, replace_name
@@ -179,16 +183,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
             settings["study_name"])
     elif not settings["summary"]:
         raise ByotError("byot tune needs a tune file (TUNE.yaml), or --summary --storage URL")
-    elif given:
-        raise ByotError(f"--summary trains nothing: leave out {', '.join(sorted(given))}")
     name = tune.name if tune else settings["study_name"]
     from byot.sweep import slug
+    from byot.tune.study import check_study_folder
 
     storage_text = settings["storage"] or (f"runs/tune/{slug(name)}.db" if name else None)
     if storage_text is None:
         raise ByotError("byot tune --summary needs --storage (the study's storage)")
+    training = tune is not None and not settings["summary"]
+    if training:  # before the storage creates a study: a folder it cannot use is named now
+        check_study_folder(_study_folder(settings["out"], storage_text, tune.name), storage_text)
     storage = open_storage(storage_text, create=not settings["summary"])
-    if tune is not None and not settings["summary"]:
+    if training:
         from byot.engine.children import StoppedBySignal
         from byot.engine.signals import signal_name
         from byot.tune.runner import run_study
@@ -205,6 +211,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = _study_folder(settings["out"], storage_text, study.study_name)
     summary = write_outputs(study, out)
     print(json.dumps(summary) if settings["json"] else format_summary(summary, tune.trials if tune else None))
+    if training and summary["counts"]["complete"] == 0:
+        print(f"byot: no trial of study {study.study_name!r} completed; see the failed trials' tune.log under {out}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("arch", nargs="?", help=arch_help + " (may come from --config FILE, e.g. byot tune's best.yaml)")
     _add_model_and_data(train)
     _add_training(train)
+    train.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: continue although options that change what is learned (loss, "
+                            "recipe, augmentation, optimizer, schedule, data) differ from the checkpoint's; "
+                            "the change and its epoch are recorded in config.yaml and metrics.jsonl")
     test = sub.add_parser("test", help="evaluate a checkpoint on the test split",
                           argument_default=argparse.SUPPRESS)
     test.add_argument("arch", help=arch_help)
