@@ -94,6 +94,25 @@ class TrainConfig:
 MODEL_FIELDS = ("arch", "width", "stem", "model_options", "exits", "distill", "head", "dataset", "image_size",
                 "feature_loss", "feature_skip")
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+# Options that change neither what a run learns nor what it measures beyond rounding: where it runs and
+# writes, where its data lies, how fast it goes, what it logs. A resume may change them freely; every other
+# option (loss, recipe, augmentation, optimizer, schedule, data selection, seed) is a learning option.
+RUN_ONLY = ("resume", "progress", "print_freq", "workers", "device", "save_folder", "download", "final_test",
+            "data_dir", "amp", "channels_last", "compile", "sync_bn", "grad_checkpoint", "skip_nonfinite",
+            "skip_corrupt")
+# Learning options a resume may change without --allow-changes: more epochs is how a finished run goes on.
+# The change is recorded all the same.
+EXTENDABLE = ("epochs",)
+
+
+def learning_changes(before: TrainConfig, after: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The learning options (not the model's, nor ``RUN_ONLY``) whose value differs: {name: (before, after)}."""
+    return {name: (getattr(before, name), getattr(after, name)) for name in FIELD_NAMES
+            if name not in (*RUN_ONLY, *MODEL_FIELDS) and getattr(before, name) != getattr(after, name)}
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"--{k.replace('_', '-')} {new!r} (checkpoint: {old!r})" for k, (old, new) in changes.items())
 
 
 # The TPAMI 2021 journal version's training, as its official code has it (ArchipLab-LinfengZhang/

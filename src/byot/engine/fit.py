@@ -20,8 +20,10 @@ from torch import nn
 
 from byot import __version__
 from byot.config import (
+    EXTENDABLE,
     TrainConfig,
     config_to_dict,
+    learning_changes,
     save_yaml,
 )
 from byot.data import DataBundle
@@ -57,6 +59,7 @@ from byot.engine.distributed import (
 from byot.engine.ema import WeightAverage
 from byot.engine.evaluate import evaluate
 from byot.engine.faults import fault_point, with_loss_faults
+from byot.engine.resolve import trained_config
 from byot.engine.rundir import BEST, LATEST, METRICS, PREVIOUS, TEST_RESULT, clear_run, run_lock
 from byot.engine.runfiles import (
     RunLog,
@@ -102,6 +105,8 @@ class Session:
     ctx: DistContext = SINGLE  # this process's rank under torchrun
     normalization: list | None = None  # [mean, std] a checkpoint trained with, where not the data set's
     ema: WeightAverage | None = None  # --ema: the average of the weights, evaluated beside them
+    # learning options a resume changed (--allow-changes): [{"epoch": first epoch trained so, "changes": ...}]
+    config_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def eval_runtime(self) -> Runtime:
@@ -246,12 +251,14 @@ def _fit(s: Session, checkpoint: dict | None, stop_after: int | None,
     cfg, main = s.cfg, s.ctx.is_main
     start_epoch, best = (checkpoint["epoch"], checkpoint["best_top1"]) if checkpoint else (0, 0.0)
     run_dir = cfg.run_dir
+    s.config_history, changes = _config_history(cfg, checkpoint, start_epoch)
     if main:
         for stale in remove_stale_temporaries(run_dir):
             log.warning("removed %s, a checkpoint write that a crash cut short", stale)
         try:
             save_yaml(cfg, run_dir / "config.yaml", {"num_classes": len(s.data.classes),
-                                                     "byot_version": __version__, "world_size": s.ctx.world_size})
+                                                     "byot_version": __version__, "world_size": s.ctx.world_size,
+                                                     **({"history": s.config_history} if s.config_history else {})})
         except OSError as e:
             raise ByotError(f"cannot write {run_dir / 'config.yaml'}: {describe_os_error(e)}") from e
         reset_metrics(run_dir / METRICS, start_epoch)
@@ -268,6 +275,8 @@ def _fit(s: Session, checkpoint: dict | None, stop_after: int | None,
             improved = record["exits"][-1]["top1"] >= best
             best = max(best, record["exits"][-1]["top1"])
             record["best_top1"] = best
+            if changes and not records:
+                record["config_changes"] = changes
             if main:
                 _save_epoch(run_dir, record, _checkpoint_state(s, epoch + 1, best), improved)
                 write_tensorboard(writer, record)
@@ -373,7 +382,26 @@ def _checkpoint_state(s: Session, epoch: int, best: float) -> dict[str, Any]:
             "scaler": s.scaler.state_dict(), "model_spec": spec_record(s.model),
             **({"normalization": s.normalization} if s.normalization else {}),
             "rng": rng_state(), "nonfinite_steps": s.nonfinite_steps, "world_size": s.ctx.world_size,
-            **({"ema": s.ema.state_dict()} if s.ema is not None else {})}
+            **({"ema": s.ema.state_dict()} if s.ema is not None else {}),
+            **({"config_history": s.config_history} if s.config_history else {})}
+
+
+
+def _config_history(cfg: TrainConfig, checkpoint: dict | None,
+                    start_epoch: int) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
+    """The run's option changes so far (the checkpoint's), with this resume's added: the learning options
+    that differ from the checkpoint's, {name: [before, after]}, in effect from epoch ``start_epoch + 1``."""
+    if checkpoint is None:
+        return [], {}
+    history = list(checkpoint.get("config_history", []))
+    before = trained_config(checkpoint)
+    changes = {k: [old, new] for k, (old, new) in learning_changes(before, cfg).items()} if before else {}
+    if changes:
+        history.append({"epoch": start_epoch + 1, "changes": changes})
+        extended = set(changes) <= set(EXTENDABLE)  # more epochs: how a finished run goes on
+        (log.info if extended else log.warning)("options changed from epoch %d on: %s (recorded in config.yaml's history and metrics.jsonl)",
+                    start_epoch + 1, ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+    return history, changes
 
 
 

@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from byot.config import (
+    EXTENDABLE,
     TrainConfig,
     build_config,
     check_same_model,
+    describe_changes,
+    learning_changes,
     load_yaml,
 )
 from byot.engine.checkpoint import (
@@ -23,8 +26,13 @@ from byot.errors import ByotError
 log = logging.getLogger("byot")
 
 
-def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, dict | None]:
-    """defaults -> checkpoint's config (with --resume) -> YAML file -> flags; returns (config, checkpoint)."""
+def resolve_config(given: dict[str, Any], config_file: str | None = None,
+                   allow_changes: bool | None = None) -> tuple[TrainConfig, dict | None]:
+    """defaults -> checkpoint's config (with --resume) -> YAML file -> flags; returns (config, checkpoint).
+
+    ``allow_changes``: None for a command that evaluates a checkpoint; for a training resume, False refuses
+    flags that change a learning option of the checkpoint's run (``learning_changes``, bar ``EXTENDABLE``),
+    naming each, and True lets them through (``fit`` records them)."""
     explicit = {**(load_yaml(config_file) if config_file else {}), **given}
     checkpoint = None
     if explicit.get("resume") == "auto":
@@ -54,7 +62,30 @@ def resolve_config(given: dict[str, Any], config_file: str | None = None) -> tup
     own = own_save_folder(Path(explicit["resume"]), saved.get("arch", ""))
     if own is not None and "save_folder" not in explicit:
         explicit["save_folder"] = own
-    return build_config(saved, explicit), checkpoint
+    cfg = build_config(saved, explicit)
+    if allow_changes is False:
+        _refuse_learning_changes(checkpoint, cfg, source)
+    return cfg, checkpoint
+
+
+
+def _refuse_learning_changes(checkpoint: dict, cfg: TrainConfig, source: str) -> None:
+    before = trained_config(checkpoint)
+    changes = {k: v for k, v in learning_changes(before, cfg).items() if k not in EXTENDABLE} if before else {}
+    if changes:
+        raise ByotError(f"{source} was trained with other learning options: {describe_changes(changes)}; drop "
+                        "these flags to continue the run as it was trained, add --allow-changes to go on with them "
+                        "(the change is recorded), or start a new run")
+
+
+
+def trained_config(checkpoint: dict) -> TrainConfig | None:
+    """The config a checkpoint's run was trained with, or None when this byot cannot read it."""
+    try:
+        return build_config({}, dict(checkpoint.get("config", {})))
+    except ByotError as e:
+        log.debug("the checkpoint's config: %s", e)
+        return None
 
 
 
