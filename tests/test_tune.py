@@ -235,7 +235,7 @@ for epoch in range(1, options["epochs"] + 1):
 def test_workers_prune_on_the_validation_accuracy_and_score_model_best(tmp_path, monkeypatch):
     script = tmp_path / "trainer.py"
     script.write_text(FAKE_TRAINER)
-    monkeypatch.setattr(runner, "trial_command", lambda arch, root: [sys.executable, str(script), str(root)])
+    monkeypatch.setattr(runner, "trial_command", lambda arch, root, redo=False: [sys.executable, str(script), str(root)])
     monkeypatch.setattr(runner, "POLL_SECONDS", 0.1)
     tune = load_tune(write_tune(tmp_path, {"lr": [0.3, 0.2, 0.01, 0.25]}, base={"epochs": 4},
                                 pruner={"type": "median", "startup_trials": 2, "warmup_epochs": 0}), {}, {})
@@ -303,7 +303,7 @@ def test_the_early_exit_objective_scores_the_policy_fitted_on_validation(tmp_pat
 
     script = tmp_path / "trainer.py"
     script.write_text(EARLY_EXIT_TRAINER)
-    monkeypatch.setattr(runner, "trial_command", lambda arch, root: [sys.executable, str(script), str(root),
+    monkeypatch.setattr(runner, "trial_command", lambda arch, root, redo=False: [sys.executable, str(script), str(root),
                                                                      str(small_checkpoint)])
     monkeypatch.setattr(runner, "POLL_SECONDS", 0.1)
     tune = load_tune(write_tune(tmp_path, {"alpha": [0.1, 0.3]}, base={"width": 8, "val_split": 0.25}, trials=1),

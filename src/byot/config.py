@@ -130,6 +130,7 @@ JOURNAL_RECIPE: dict[str, Any] = {
 }
 RECIPES: dict[str, dict[str, Any]] = {"iccv": {}, "journal": JOURNAL_RECIPE}
 
+DEFAULT_IMAGE_SIZE = {"imagefolder": 224}  # px of an unset --image-size; 32 for the others (CIFAR, digits)
 YAML_NODE_LIMIT = 100_000  # values a YAML file may expand to; a config holds ~50 and a sweep a few hundred
 
 
@@ -140,6 +141,8 @@ def load_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
     a few hundred bytes of nested aliases (a "billion laughs" file) otherwise expand to billions of values
     in whatever walks the result. ``what`` names the file in errors ("config", "sweep").
     """
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO would block the read forever
+        raise ByotError(f"{what} {path} is not a regular file (a folder, a pipe or a device); give a YAML file")
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
@@ -342,6 +345,10 @@ def _validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) is not None and getattr(cfg, name) not in allowed:
             listed = ", ".join(allowed[:-1]) + " or " + allowed[-1]
             raise ByotError(f"--{name.replace('_', '-')} must be {listed}, not {_short(getattr(cfg, name))}")
+    size = cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset, 32)
+    if cfg.cutout >= size:
+        raise ByotError(f"--cutout {cfg.cutout} is not smaller than the {size} px images: its hole would blank "
+                        f"whole training images; give at most {size - 1} (the journal recipe's is 16 at 32 px)")
     if cfg.exits is not None and not cfg.distill:
         raise ByotError("--exits places shallow exits, which the plain backbone (--no-distill) does not have; "
                         "drop one of them")

@@ -5,6 +5,7 @@ visualisation, the one test evaluation of the best trial(s) (test_results.json),
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -19,11 +20,11 @@ from byot.engine.rundir import BEST
 from byot.errors import ByotError, describe_os_error
 from byot.tune import optuna_module
 from byot.tune.space import with_params
-from byot.tune.study import IDENTITY, MACHINE, STATE, counted
+from byot.tune.study import IDENTITY, MACHINE, STATE, STUDY_ID, counted
 
 log = logging.getLogger("byot")
 
-TEST_RESULTS = "test_results.json"  # {trial number: its one test evaluation}
+TEST_RESULTS = "test_results.json"  # {trial number: its one test evaluation, with the study id and checkpoint hash}
 
 
 def identity(study: Any) -> dict[str, Any]:
@@ -71,7 +72,8 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
                                "retry_of": a.get("retry_of", "")}
         for name, value in zip(names, t.values or [None] * len(names)):
             row[name] = value
-        row.update(epochs=a.get("epochs_done", ""), best_epoch=a.get("best_epoch", ""),
+        row.update(epochs=a.get("epochs_done", ""), epochs_trained=a.get("epochs_trained", a.get("epochs_done", "")),
+                   best_epoch=a.get("best_epoch", ""),
                    pruned_at=a.get("pruned_at", ""), train_minutes=round(a.get("train_seconds", 0.0) / 60, 2),
                    **{f"param {k}": v for k, v in t.params.items()}, run_dir=a.get("run_dir", ""),
                    error=a.get("error", ""))
@@ -160,19 +162,37 @@ def test_best(study: Any, out: Path) -> dict[str, Any]:
     multi = is_multi(study)
     for trial in best_trials(study):
         key = str(trial.number)
-        if key in results:
-            continue
         checkpoint = out / trial.user_attrs.get("run_dir", "") / trial_options(study, trial)["arch"] / BEST
         if not checkpoint.is_file():
-            log.warning("trial %d: %s is not on this machine; its test split is not evaluated", trial.number,
-                        checkpoint)
+            if key not in results:
+                log.warning("trial %d: %s is not on this machine; its test split is not evaluated", trial.number,
+                            checkpoint)
+            continue
+        if key in results and _same_run(results[key], study, checkpoint):
             continue
         results[key] = _test(study, trial, checkpoint, multi)
         write_text_atomic(out / TEST_RESULTS, json.dumps(results, indent=1) + "\n")
     return results
 
 
+def _same_run(entry: dict[str, Any], study: Any, checkpoint: Path) -> bool:
+    """Whether a stored test result is of this study's trial and of this checkpoint (an entry byot 0.5.0
+    wrote, without the two, is taken: its folder is this study's)."""
+    if "checkpoint_sha256" not in entry:
+        return True
+    return entry.get("study_id") == study.user_attrs.get(STUDY_ID) and entry["checkpoint_sha256"] == _sha256(checkpoint)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _test(study: Any, trial: Any, checkpoint: Path, multi: bool) -> dict[str, Any]:
+    from byot.engine.checkpoint import DIGEST
     from byot.engine.resolve import resolve_config
     from byot.engine.testing import test_checkpoint
 
@@ -180,7 +200,8 @@ def _test(study: Any, trial: Any, checkpoint: Path, multi: bool) -> dict[str, An
     log.info("trial %d: evaluating the test split once, with %s", trial.number, checkpoint)
     result = test_checkpoint(cfg, state)
     entry = {"epoch": result["epoch"], "exits": [{"exit": e["exit"], "top1": e["top1"]} for e in result["exits"]],
-             "ensemble": result["ensemble"]["top1"], "num_images": result["num_images"]}
+             "ensemble": result["ensemble"]["top1"], "num_images": result["num_images"],
+             "study_id": study.user_attrs.get(STUDY_ID), "checkpoint_sha256": state[DIGEST]}
     if multi:  # the thresholds fitted on validation, scored on test
         from byot.deploy.run import early_exit
 

@@ -17,15 +17,18 @@ from typing import Any
 from byot.config import TrainConfig, build_config
 from byot.engine.children import ChildStopper, StoppedBySignal, appended_log, start_child
 from byot.engine.runfiles import read_metrics
-from byot.errors import ByotError
-from byot.sweep import write_options
+from byot.errors import ENVIRONMENT_EXIT, ByotError
+from byot.sweep import plan_run, write_options
 from byot.tune import optuna_module
 from byot.tune.space import with_params
 from byot.tune.spec import Tune
 from byot.tune.study import (
     HEARTBEAT_SECONDS,
+    MAX_KILLS,
     STATE,
+    bind_folder,
     bookkeeping,
+    check_data,
     counted,
     open_study,
     recover,
@@ -38,6 +41,10 @@ log = logging.getLogger("byot")
 POLL_SECONDS = 1.0  # how often a running trial's metrics.jsonl is read
 TRIAL_LOG = "tune.log"  # in each trial's folder: its byot train child's output
 FAILURES_TO_STOP = 3  # trials in a row that fail before any trial has finished: the study stops
+# exit codes of a trial's byot train that say the machine failed, not the trial's options: a full disk or an
+# I/O error (ENVIRONMENT_EXIT), a hang-up, Ctrl-C or SIGTERM sent to it alone; a negative code is a signal
+# that killed it (the OOM killer's SIGKILL). Such a trial is retried from its checkpoint, MAX_KILLS times.
+ENVIRONMENT_CODES = (ENVIRONMENT_EXIT, 129, 130, 143)
 
 
 @dataclass
@@ -51,6 +58,7 @@ class Workers:
     stopper: ChildStopper
     errors: list[BaseException] = field(default_factory=list)
     failures: int = 0  # trials in a row this process saw fail in training
+    environment_failures: int = 0  # trials in a row this process saw fail through the machine
 
     @property
     def stop(self) -> bool:
@@ -64,18 +72,24 @@ def threads_per_trial(jobs: int) -> int:
     return max(1, cores // jobs)
 
 
-def trial_command(arch: str, root: Path) -> list[str]:
+def trial_command(arch: str, root: Path, redo: bool = False) -> list[str]:
     """One trial's ``byot train``: options from its folder's options file, resumed from its checkpoint when
-    it has one (a retried trial), and no test evaluation (the tuner tests the best trial once, at the end)."""
+    it has one (a retried trial), and no test evaluation (the tuner tests the best trial once, at the end).
+    ``redo``: the run directory holds a run of other options, which is replaced (--overwrite)."""
     from byot.sweep import OPTIONS_FILE
 
+    start = ["--overwrite"] if redo else ["--resume", "auto"]
     return [sys.executable, "-m", "byot", "train", arch, "--config", str(root / OPTIONS_FILE),
-            "--save-folder", str(root), "--resume", "auto", "--no-progress", "--no-final-test"]
+            "--save-folder", str(root), *start, "--no-progress", "--no-final-test"]
 
 
 def run_study(tune: Tune, storage: Any, out: Path, jobs: int) -> Any:
     """Run trials until the study has ``tune.trials`` of them (or a signal stops it); returns the study."""
+    from byot.data.fingerprint import data_fingerprint
+
     study = open_study(tune, storage)
+    bind_folder(study, out)
+    check_data(study, data_fingerprint(tune.base_config.dataset, tune.base_config.data_dir))
     threads = threads_per_trial(jobs)
     log.info("study %s: %s; %d trial(s) wanted, %d process(es) of %d thread(s); study folder %s", tune.name,
              tune.objective.describe(), tune.trials, jobs, threads, out)
@@ -146,19 +160,26 @@ def _run_trial(w: Workers, trial: Any) -> None:
     except ByotError as e:
         _end(w, trial, "error", f"{label}: not a valid training config: {e}", error=str(e))
         return
+    plan = plan_run(cfg.run_dir, cfg)  # the sweep's rule: a run of other options is redone, never resumed
+    redo = plan.action == "redo"
+    if redo:
+        log.warning("%s: %s holds a run of other options (%s); training the trial from scratch", label,
+                    cfg.run_dir, plan.why)
+    resumed_from = 0 if redo else max((r["epoch"] for r in read_metrics(cfg.run_dir) if "exits" in r), default=0)
     write_options(root, options)
-    command = trial_command(cfg.arch, root)
+    command = trial_command(cfg.arch, root, redo)
     log.info("%s: %s (log: %s)", label, _describe(params), root / TRIAL_LOG)
     trial.set_user_attr("epochs_planned", cfg.epochs)
     env = {"OMP_NUM_THREADS": str(w.threads), "MKL_NUM_THREADS": str(w.threads)}
     with appended_log(root / TRIAL_LOG, command) as logfile:
         proc = start_child(command, logfile, env)
         w.stopper.watch(proc)
-        code, records, pruned_at = _follow(w, trial, proc, cfg, label)
-    _finish(w, trial, cfg, label, code, records, pruned_at, root)
+        code, records, pruned_at = _follow(w, trial, proc, cfg, label, resumed_from)
+    _finish(w, trial, cfg, label, code, records, pruned_at, root, resumed_from)
 
 
-def _follow(w: Workers, trial: Any, proc: Any, cfg: TrainConfig, label: str) -> tuple[int, list[dict], int | None]:
+def _follow(w: Workers, trial: Any, proc: Any, cfg: TrainConfig, label: str,
+            resumed_from: int) -> tuple[int, list[dict], int | None]:
     """Report each finished epoch to the pruner while the child trains; stop it when the pruner says so."""
     single = w.tune.objective.kind != "early-exit"
     storage = w.study._storage
@@ -171,8 +192,9 @@ def _follow(w: Workers, trial: Any, proc: Any, cfg: TrainConfig, label: str) -> 
         new = [r for r in records if r["epoch"] not in reported]
         for r in new:
             reported.add(r["epoch"])
-            log.info("%s, epoch %d/%d: %s", label, r["epoch"], cfg.epochs,
-                     " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in r["exits"]))
+            if r["epoch"] > resumed_from:  # the epochs before were logged by the trial cut short
+                log.info("%s, epoch %d/%d: %s", label, r["epoch"], cfg.epochs,
+                         " ".join(f"exit{e['exit']} {e['top1']:.2f}" for e in r["exits"]))
             if single:
                 trial.report(w.tune.objective.epoch_value(r), r["epoch"])
         if new and single and code is None and pruned_at is None and trial.should_prune():
@@ -197,9 +219,11 @@ def best_record(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _finish(w: Workers, trial: Any, cfg: TrainConfig, label: str, code: int, records: list[dict],
-            pruned_at: int | None, root: Path) -> None:
-    seconds = float(sum(r.get("epoch_seconds", 0.0) for r in records))
+            pruned_at: int | None, root: Path, resumed_from: int = 0) -> None:
+    trained = [r for r in records if r["epoch"] > resumed_from]  # a retry's own epochs: the cut trial has the rest
+    seconds = float(sum(r.get("epoch_seconds", 0.0) for r in trained))
     trial.set_user_attr("epochs_done", len(records))
+    trial.set_user_attr("epochs_trained", len(trained))
     trial.set_user_attr("train_seconds", seconds)
     complete = code == 0 and len(records) == cfg.epochs and records[-1]["epoch"] == cfg.epochs
     if complete:
@@ -213,7 +237,7 @@ def _finish(w: Workers, trial: Any, cfg: TrainConfig, label: str, code: int, rec
         _end(w, trial, "done", f"{label}: {', '.join(f'{n} {v:.4g}' for n, v in zip(w.tune.objective.names, values))} "
              f"({seconds / 60:.1f} min)", values=values)
     elif pruned_at is not None:
-        mean = seconds / max(len(records), 1)
+        mean = seconds / max(len(trained), 1)
         trial.set_user_attr("pruned_at", pruned_at)
         trial.set_user_attr("saved_seconds", max(0, cfg.epochs - len(records)) * mean)
         _end(w, trial, "pruned", f"{label}: pruned after epoch {pruned_at}/{cfg.epochs}")
@@ -224,6 +248,13 @@ def _finish(w: Workers, trial: Any, cfg: TrainConfig, label: str, code: int, rec
         lines = (root / TRIAL_LOG).read_text(errors="replace").strip().splitlines()
         detail = lines[-1] if lines else ""
         reason = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+        if code < 0 or code in ENVIRONMENT_CODES:
+            tries = trial.user_attrs.get("kills", 0) + 1
+            again = ("it will be retried from its last saved epoch" if tries <= MAX_KILLS else
+                     f"not retried again: it failed so {tries} times")
+            _end(w, trial, "environment", f"{label} failed through the machine ({reason}): {detail}; {again} "
+                 f"(see {root / TRIAL_LOG})", error=f"{reason}: {detail}")
+            return
         _end(w, trial, "error", f"{label} failed ({reason}): {detail} (see {root / TRIAL_LOG})",
              error=f"{reason}: {detail}")
 
@@ -259,9 +290,14 @@ def _end(w: Workers, trial: Any, state: str, line: str, values: list[float] | No
         trial.set_user_attr("error", error[:500])
     trial.set_user_attr(STATE, state)
     w.study.tell(trial, values=values, state=getattr(optuna.trial.TrialState, states.get(state, "FAIL")))
-    (log.warning if state == "error" else log.info)(line)
+    (log.warning if state in ("error", "environment") else log.info)(line)
     w.failures = w.failures + 1 if state == "error" else 0 if state in ("done", "pruned") else w.failures
+    w.environment_failures = w.environment_failures + 1 if state == "environment" else 0
     finished = any(t.state.name in ("COMPLETE", "PRUNED") for t in w.study.get_trials(deepcopy=False))
     if w.failures >= FAILURES_TO_STOP and not finished:  # the data or a base option, not the parameters
         w.errors.append(ByotError(f"the first {w.failures} trials failed, the last with: {error}; see its "
                                   f"{TRIAL_LOG}, fix the base config and run again"))
+    if w.environment_failures >= FAILURES_TO_STOP:  # a full disk fails every trial: stop, keep them resumable
+        w.errors.append(ByotError(f"{w.environment_failures} trials in a row failed through the machine, the last "
+                                  f"with: {error}; free the disk or memory and rerun the same command: these "
+                                  "trials resume from their last saved epoch"))

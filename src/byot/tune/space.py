@@ -22,12 +22,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from byot.config import FIELD_NAMES, TrainConfig, build_config
 from byot.errors import ByotError
 
 KINDS = ("float", "int", "categorical")
+MAX_CHECKED_INTS = 256  # an int range with more values is checked at its ends and this many values between
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices")
 FAMILY = "model_options."  # a parameter named model_options.KEY sets one family option
 # Fields that are not hyper-parameters of a trial: where it runs and writes, what it reads, what it logs, and
@@ -71,6 +73,18 @@ class Param:
             return list(self.choices)
         ends = [self.low, self.high]
         return [int(v) for v in ends] if self.kind == "int" else [float(v) for v in ends]
+
+    def values(self) -> list[Any]:
+        """The values the checks try: every choice; every integer an int range can draw (its ends and
+        ``MAX_CHECKED_INTS`` evenly spaced ones for a longer range); a float range's ends."""
+        if self.kind != "int":
+            return self.extremes()
+        low, high, step = int(self.low), int(self.high), int(self.step or 1)
+        drawn = range(low, high + 1, step)
+        if len(drawn) <= MAX_CHECKED_INTS:
+            return list(drawn)
+        picks = {drawn[round(i * (len(drawn) - 1) / (MAX_CHECKED_INTS - 1))] for i in range(MAX_CHECKED_INTS)}
+        return sorted(picks | {low, drawn[-1]})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, (), False) or k == "kind"}
@@ -126,9 +140,21 @@ def parse_param(name: str, spec: Any) -> Param:
                 "int" if all(isinstance(spec.get(k), int) for k in ("low", "high")) else "float")
     if kind not in KINDS:
         raise ByotError(f"{where}: type must be {', '.join(KINDS)}, not {kind!r}")
+    if not name.startswith(FAMILY) and kind != "categorical":
+        _check_kind(where, name, kind)
     if kind == "categorical":
         return _categorical(where, name, spec)
     return _range(where, name, kind, spec)
+
+
+def _check_kind(where: str, name: str, kind: str) -> None:
+    """A range's type must fit the option's: an int option takes an int range, a float option a float or int
+    range, and an option of names or switches takes a list of choices only."""
+    field = _field_kind(name)
+    if field == "int" and kind != "int":
+        raise ByotError(f"{where}: {name} is a whole number: give type int (or leave the type out), not {kind}")
+    if field == "categorical":
+        raise ByotError(f"{where}: {name} takes a list of choices (e.g. {name}: [a, b]), not a {kind} range")
 
 
 def _categorical(where: str, name: str, spec: dict[str, Any]) -> Param:
@@ -190,9 +216,9 @@ def check_space(params: tuple[Param, ...], base: dict[str, Any], fixed_by: dict[
             raise ByotError(f"space: {p.name} is searched and also fixed by {source} ({p.name} {given!r}); "
                             "remove one of them")
     for p in params:
-        for value in p.extremes():
+        for value in p.values():
             try:
-                build_config({}, with_params(base, {p.name: value}))
+                check_runnable(build_config({}, with_params(base, {p.name: value})))
             except ByotError as e:
                 raise ByotError(f"space: {p.name} = {value!r} does not make a valid training config with the "
                                 f"base: {e}") from e
@@ -202,3 +228,23 @@ def check_space(params: tuple[Param, ...], base: dict[str, Any], fixed_by: dict[
     except ByotError as e:
         raise ByotError(f"space: the parameters' first values together ({first}) do not make a valid training "
                         f"config: {e}") from e
+
+
+def check_runnable(cfg: TrainConfig) -> None:
+    """What a config needs of this machine before a trial starts: its device and precision, and its files."""
+    from byot.engine.runtime import resolve_amp, resolve_device
+
+    resolve_amp(cfg.amp, resolve_device(cfg.device))
+    if cfg.pretrained not in (None, "imagenet"):
+        path = Path(cfg.pretrained).expanduser()
+        if not path.is_file():
+            raise ByotError(f"--pretrained {cfg.pretrained}: no such file (or not a regular file)")
+
+
+def model_values(params: tuple[Param, ...], base: dict[str, Any]) -> list[TrainConfig]:
+    """The base's config at each value of each parameter that changes the model (its exits, say): the
+    objective is checked against each."""
+    from byot.config import MODEL_FIELDS
+
+    changing = [p for p in params if p.name.startswith(FAMILY) or p.name in MODEL_FIELDS]
+    return [build_config({}, with_params(base, {p.name: v})) for p in changing for v in p.values()]

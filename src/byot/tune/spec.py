@@ -11,7 +11,7 @@ from typing import Any
 from byot.config import TrainConfig, load_yaml
 from byot.errors import ByotError
 from byot.sweep import UNCOMPARED, Key, check_shape, slug
-from byot.tune.space import Param, check_space, parse_space
+from byot.tune.space import Param, check_space, model_values, parse_space
 
 OBJECTIVES = ("deepest", "exit:N", "ensemble", "early-exit")
 PRUNERS = ("median", "hyperband", "successive-halving", "none")
@@ -20,6 +20,7 @@ PRUNER_KEYS = ("type", "startup_trials", "warmup_epochs", "reduction_factor")
 # options that may differ between the machines (and the runs) of one study: where the data is, how it is
 # read, where training runs and what it logs; byot sweep ignores the same ones when it compares runs
 MACHINE_OPTIONS = ("data_dir", *UNCOMPARED)
+SEED_MAX = 2**32 - 1  # numpy's bound, which Optuna's samplers seed
 DEFAULT_MAX_DROP = 1.0  # points of top-1 the early-exit objective's policy may give up, unless a budget is given
 
 
@@ -39,7 +40,7 @@ TUNE_KEYS = {
     "pruner": Key(f"one of {', '.join(PRUNERS)}, or a mapping of {', '.join(PRUNER_KEYS)}",
                   "{type: median, startup_trials: 5, warmup_epochs: 2}", lambda v: isinstance(v, (str, dict))),
     "sampler": Key(f"one of {', '.join(SAMPLERS)}", "tpe", lambda v: v in SAMPLERS),
-    "sampler_seed": Key("an integer >= 0", "0", _int_at_least(0)),
+    "sampler_seed": Key(f"an integer in [0, {SEED_MAX}]", "0", lambda v: _int_at_least(0)(v) and v <= SEED_MAX),
     "budget_flops": Key("a positive number", "2.0e8", lambda v: isinstance(v, (int, float)) and v > 0),
     "max_drop": Key("a number >= 0", "1.0", lambda v: isinstance(v, (int, float)) and v >= 0),
 }
@@ -81,7 +82,10 @@ class Objective:
         if self.kind == "ensemble":
             return float(record["ensemble"]["top1"])
         if self.kind == "exit":
-            return float(next(e["top1"] for e in record["exits"] if e["exit"] == self.exit))
+            found = [e["top1"] for e in record["exits"] if e["exit"] == self.exit]
+            if not found:
+                raise ByotError(f"--objective exit:{self.exit}: the trial's model has no exit {self.exit}")
+            return float(found[0])
         return float(record["exits"][-1]["top1"])
 
 
@@ -198,10 +202,14 @@ def load_tune(path: str | Path, overrides: dict[str, Any], settings: dict[str, A
         cfg = check_space(params, base, fixed_by)
     except ByotError as e:
         raise ByotError(f"{where}: {e}") from e
-    check_objective(objective, cfg)
+    for each in [cfg, *model_values(params, base)]:  # e.g. every choice of exits
+        check_objective(objective, each)
     trials = merged.get("trials", 20)
     if not _int_at_least(1)(trials):
         raise ByotError(f"--trials must be at least 1, not {trials!r}")
+    seed = merged.get("sampler_seed", 0)
+    if not _int_at_least(0)(seed) or seed > SEED_MAX:
+        raise ByotError(f"--sampler-seed must be an integer in [0, {SEED_MAX}], not {seed!r}")
     sampler = merged.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise ByotError(f"--sampler must be {', '.join(SAMPLERS)}, not {sampler!r}")

@@ -26,12 +26,14 @@ import os
 import socket
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from byot.engine.checkpoint import write_text_atomic
 from byot.engine.rundir import pid_alive
-from byot.errors import ByotError
+from byot.errors import ByotError, describe_os_error
 from byot.tune import optuna_module
 from byot.tune.spec import Tune
 
@@ -43,6 +45,10 @@ GRACE_SECONDS = 90
 MAX_KILLS = 3  # a trial whose worker died this often is not retried again (it may be what kills it)
 IDENTITY = "byot_tune"  # study user attribute: the settings it was created with (Tune.identity)
 MACHINE = "byot_tune_machine"  # ... and the options of the machine that created it (data_dir, workers, ...)
+STUDY_ID = "byot_study_id"  # ... a random id, also written in its folder (STUDY_FILE): a folder serves one study
+DATA = "byot_data"  # ... and the fingerprint of the data it trains on (byot.data.fingerprint)
+STUDY_FILE = "study.json"
+SEED_MODULUS = 2**32  # Optuna's samplers seed numpy, which takes seeds below 2**32
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -94,6 +100,16 @@ def _check_journal(path: Path) -> None:
                         "or a database URL") from e
 
 
+def _check_storage_text(text: str, url: str, path: Path | None) -> None:
+    """Refuse a storage that would lose the study (in memory) or hang or fail on open (a FIFO, a device)."""
+    if url.rstrip("/") in ("sqlite:", "sqlite:/") or url.endswith(":memory:"):
+        raise ByotError(f"--storage {text} is an in-memory database: the study would be lost when byot tune "
+                        "ends; give a file (e.g. runs/tune/study.db) or a database server's URL")
+    if path is not None and path.exists() and not path.is_dir() and not path.is_file():
+        raise ByotError(f"--storage {text} is not a regular file (a pipe or a device); give a file a study wrote, "
+                        "or a new one")
+
+
 def open_storage(text: str, create: bool = True) -> Any:
     """The Optuna storage of ``--storage``: RDB (with heartbeats, so that a dead machine's trial is retried
     elsewhere) or a journal file (Optuna's JournalFileBackend; one machine, or a shared file system).
@@ -101,6 +117,7 @@ def open_storage(text: str, create: bool = True) -> Any:
     optuna = optuna_module()
     url = storage_url(text)
     path = storage_file(url)
+    _check_storage_text(text, url, path)
     if not create and path is not None and not path.exists():
         raise ByotError(f"--storage {text}: no such file; give the storage a study wrote")
     try:
@@ -171,7 +188,7 @@ def open_study(tune: Tune, storage: Any) -> Any:
     count = len(probe.trials) if probe is not None else 0
     others = bool(probe and any(t.state.name == "RUNNING" for t in probe.trials))
     # a study run in one process from its start repeats its proposals; workers that join it draw their own
-    seed = tune.sampler_seed + 7919 * count + (os.getpid() if others else 0)
+    seed = (tune.sampler_seed + 7919 * count + (os.getpid() if others else 0)) % SEED_MODULUS
     sampler, pruner = make_sampler(tune, seed), make_pruner(tune)
     if probe is None:
         study = optuna.create_study(study_name=tune.name, storage=storage, directions=tune.objective.directions,
@@ -300,3 +317,69 @@ def bookkeeping(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- the study's folder and data ---------------------------------------------------------------------------
+
+def check_study_folder(out: Path, storage_text: str) -> None:
+    """Refuse a study folder that cannot hold one: a file (the storage itself included) or a folder this
+    process cannot write. Called before the storage creates the study, so nothing is left behind."""
+    storage = storage_file(storage_url(storage_text))
+    if storage is not None and out.resolve() == storage.expanduser().resolve():
+        raise ByotError(f"--out {out} is the storage file itself; give a folder for the trials' run directories")
+    if out.exists() and not out.is_dir():
+        raise ByotError(f"--out {out} is a file, not a folder; give a folder for the trials' run directories")
+    existing = out
+    while not existing.exists() and existing != existing.parent:  # nothing is created here: a bad storage
+        existing = existing.parent  # or tune file found later leaves no folder behind
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ByotError(f"cannot write to the study folder {out} ({existing} is not a writable folder); give "
+                        "another --out")
+
+
+def bind_folder(study: Any, out: Path) -> None:
+    """Tie ``out`` to ``study``: its id, written in ``out/study.json`` by the study's first run, must match.
+    A folder that holds trials but no id (another study's, or a byot 0.5.0 study's) is taken only by a study
+    that already has trials of its own there."""
+    ident = study.user_attrs.get(STUDY_ID)
+    if ident is None:  # a study byot 0.5.0 created: it gets its id now
+        ident = uuid.uuid4().hex
+        study.set_user_attr(STUDY_ID, ident)
+    marker = out / STUDY_FILE
+    if marker.is_file():
+        try:
+            stored = json.loads(marker.read_text())
+        except (OSError, ValueError) as e:
+            raise ByotError(f"{marker} is unreadable ({e}); it ties {out} to one study: restore it or give another "
+                            "--out") from e
+        if stored.get("id") != ident:
+            raise ByotError(f"the study folder {out} belongs to study {stored.get('study')!r} (another storage or "
+                            f"another study of this name); give this study its own --out, or --study-name NAME")
+        return
+    own = {t.user_attrs.get("run_dir") for t in study.get_trials(deepcopy=False)}
+    found = [p for p in sorted((out / "trials").glob("trial-*")) if p.is_dir()]
+    foreign = [p for p in found if p.relative_to(out).as_posix() not in own]
+    if foreign:
+        raise ByotError(f"the study folder {out} holds run directories of another study ({foreign[0].name}, "
+                        f"{len(foreign)} in all) and no {STUDY_FILE}; give this study its own --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ByotError(f"cannot make the study folder {out}: {describe_os_error(e)}; give another --out") from e
+    write_text_atomic(marker, json.dumps({"id": ident, "study": study.study_name}, indent=1) + "\n")
+
+
+def check_data(study: Any, fingerprint: dict[str, Any]) -> None:
+    """The study trains on one data set: a fingerprint other than the stored one is refused, naming what
+    differs; the same data at another path passes. A study without one (byot 0.5.0) stores this one."""
+    from byot.data.fingerprint import fingerprint_differences
+
+    stored = study.user_attrs.get(DATA)
+    if stored is None:
+        study.set_user_attr(DATA, fingerprint)
+        return
+    differences = fingerprint_differences(stored, fingerprint)
+    if differences:
+        raise ByotError(f"study {study.study_name!r} trains on other data than this --data-dir gives "
+                        f"({'; '.join(differences)}); continue it on its own data, or start another study with "
+                        "--study-name NAME")
