@@ -104,21 +104,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from byot.engine.resolve import resolve_config
     from byot.engine.testing import test_checkpoint
 
-    given = _given(args, "json", "per_class")
-    _setup_logging(False)
-    cfg, checkpoint = resolve_config(given, getattr(args, "config_file", None))
-    if checkpoint is None:
-        raise ByotError("byot test needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
+    cfg, checkpoint = _trained(args, "json", "per_class")
     per_class = getattr(args, "per_class", False)
-    result = test_checkpoint(cfg, checkpoint, per_class)
+    result = test_checkpoint(cfg, checkpoint, per_class, _ema(args))
     if getattr(args, "json", False):
         print(json.dumps(result))
         return 0
+    weights = ", weight average (EMA)" if result["weights"] == "ema" else ""
     print(f"{cfg.arch} on {cfg.dataset} test split ({result['num_images']} images), "
-          f"checkpoint epoch {result['epoch']}, evaluated in {result['precision']}")
+          f"checkpoint epoch {result['epoch']}{weights}, evaluated in {result['precision']}")
     print(format_table(result["exits"], result["ensemble"], result["exits"]))
     if per_class:
         from byot.engine.reports import format_per_class
@@ -236,14 +232,24 @@ POLICY_OPTIONS = ("threshold", "final", "calibration")
 
 
 def _trained(args: argparse.Namespace, *drop: str) -> tuple[TrainConfig, dict]:
-    """The run configuration and checkpoint of a command that works on a trained model."""
+    """The run configuration and checkpoint of a command that works on a trained model; its --ema (run the
+    weight average) is no training option, so it stays out of the configuration and is checked here, before
+    any data is read."""
+    from byot.engine.build import trained_weights
     from byot.engine.resolve import resolve_config
 
     _setup_logging(False)
-    cfg, checkpoint = resolve_config(_given(args, *drop), getattr(args, "config_file", None))
+    cfg, checkpoint = resolve_config(_given(args, "ema", *drop), getattr(args, "config_file", None))
     if checkpoint is None:
         raise ByotError(f"byot {args.command} needs --resume CHECKPOINT (a .pth.tar file a byot run wrote)")
+    if _ema(args):
+        trained_weights(checkpoint, True, cfg.resume or "the checkpoint")
     return cfg, checkpoint
+
+
+def _ema(args: argparse.Namespace) -> bool:
+    """--ema of a command on a trained model: the weight average byot train --ema saved, not the weights."""
+    return bool(getattr(args, "ema", False))
 
 
 
@@ -252,7 +258,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from byot.deploy.tables import format_calibration
 
     cfg, checkpoint = _trained(args, "json")
-    result = calibrate(cfg, checkpoint)
+    result = calibrate(cfg, checkpoint, _ema(args))
     print(json.dumps(result) if getattr(args, "json", False) else format_calibration(result))
     return 0
 
@@ -267,7 +273,7 @@ def cmd_early_exit(args: argparse.Namespace) -> int:
     o = {k: getattr(args, k, None) for k in options}
     out = Path(o["out"]) if o["out"] else None
     result = early_exit(cfg, checkpoint, out, o["final"] or "deepest", o["budget_flops"], o["max_drop"],
-                        o["threshold"], getattr(args, "calibration", True), bool(o["time"]))
+                        o["threshold"], getattr(args, "calibration", True), bool(o["time"]), _ema(args))
     print(json.dumps(result) if o["json"] else format_early_exit(result))
     return 0
 
@@ -279,7 +285,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg, checkpoint = _trained(args, "exit_number", "fmt", "out", "json", "force")
     result = export_checkpoint(cfg, checkpoint, args.exit_number, args.fmt, Path(args.out),
-                               getattr(args, "force", False))
+                               getattr(args, "force", False), _ema(args))
     print(json.dumps(result) if getattr(args, "json", False) else format_export(result))
     return 0
 
@@ -292,7 +298,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     cfg, checkpoint = _trained(args, "paths", "json", *POLICY_OPTIONS)
     rows, errors = predict_paths(cfg, checkpoint, args.paths, getattr(args, "threshold", None),
-                                 getattr(args, "final", None), getattr(args, "calibration", True))
+                                 getattr(args, "final", None), getattr(args, "calibration", True), _ema(args))
     for line in errors:
         print(f"byot: {line}", file=sys.stderr)
     if not rows:

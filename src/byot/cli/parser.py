@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                           argument_default=argparse.SUPPRESS)
     test.add_argument("arch", help=arch_help)
     _add_model_and_data(test)
+    _add_ema(test)
     test.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     test.add_argument("--per-class", action="store_true",
                       help="per-class accuracy of every exit; confusion_exit<k>.png/.csv beside the checkpoint")
@@ -317,16 +318,26 @@ def _add_policy(p: argparse.ArgumentParser) -> None:
 
 
 
+def _add_ema(p: argparse.ArgumentParser) -> None:
+    # a switch, not train's --ema DECAY: it picks the weights the command runs; the training option is untouched
+    p.add_argument("--ema", action="store_true",
+                   help="use the weight average (EMA) that byot train --ema saved in the checkpoint, instead of "
+                        "the raw weights")
+
+
+
 def _add_deployment(sub: argparse._SubParsersAction, arch_help: str) -> None:
     cal = sub.add_parser("calibrate", help="fit one temperature per exit on the validation split",
                          argument_default=argparse.SUPPRESS)
     cal.add_argument("arch", help=arch_help)
     _add_model_and_data(cal)
+    _add_ema(cal)
     cal.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ee = sub.add_parser("early-exit", help="accuracy vs FLOPs of confidence-based early exit; fit thresholds",
                         argument_default=argparse.SUPPRESS)
     ee.add_argument("arch", help=arch_help)
     _add_model_and_data(ee)
+    _add_ema(ee)
     _add_policy(ee)
     fit = ee.add_mutually_exclusive_group()
     fit.add_argument("--budget-flops", type=float, metavar="F",
@@ -348,6 +359,7 @@ def _add_deployment(sub: argparse._SubParsersAction, arch_help: str) -> None:
     exp.add_argument("--format", dest="fmt", choices=_export_formats(), default="onnx")
     exp.add_argument("--out", required=True, help="file to write (an existing file is refused without --force)")
     exp.add_argument("--force", action="store_true", help="replace an existing --out file (never the checkpoint)")
+    _add_ema(exp)
     exp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     pred = sub.add_parser("predict", help="classify image files with the early-exit model",
                           argument_default=argparse.SUPPRESS)
@@ -355,6 +367,7 @@ def _add_deployment(sub: argparse._SubParsersAction, arch_help: str) -> None:
     pred.add_argument("--resume", required=True, help="the checkpoint to predict with")
     pred.add_argument("--batch-size", type=int, help="images per forward pass (default: the checkpoint's)")
     pred.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    _add_ema(pred)
     _add_policy(pred)
     pred.add_argument("--json", action="store_true", help="print one JSON list on stdout")
 

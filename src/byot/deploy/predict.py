@@ -49,11 +49,13 @@ def read_image(path: Path, size: int, ratio: float) -> torch.Tensor:
 
 
 def predict_paths(cfg: TrainConfig, checkpoint: dict, paths: Sequence[str], thresholds: Sequence[float] | None,
-                  final: str | None, use_calibration: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
-    """([{"path", "class", "probability", "exit"}] per readable image, [one line per unreadable file])."""
+                  final: str | None, use_calibration: bool = True,
+                  ema: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """([{"path", "class", "probability", "exit"}] per readable image, [one line per unreadable file]);
+    ``ema``: with the weight average the checkpoint holds instead of its weights."""
     device = resolve_device(cfg.device)
-    model, runtime = build_trained(cfg, checkpoint, device)
-    policy = resolve_policy(checkpoint, model.num_exits, thresholds, final, use_calibration)
+    model, runtime = build_trained(cfg, checkpoint, device, ema)
+    policy = resolve_policy(checkpoint, model.num_exits, thresholds, final, use_calibration, ema)
     net = EarlyExitNet(model, policy)
     size, ratio, classes = checkpoint["image_size"], resize_ratio(cfg.dataset), checkpoint["classes"]
     files = find_images(paths)

@@ -24,7 +24,13 @@ from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.export import ExitNetwork, export
 from byot.deploy.plots import write_curve
 from byot.deploy.policy import NEVER, ExitPolicy, exit_flops, fit_thresholds, policy_stats, sweep
-from byot.engine.build import build_trained, check_checkpoint_fits, checkpoint_normalization, load_data
+from byot.engine.build import (
+    build_trained,
+    check_checkpoint_fits,
+    checkpoint_normalization,
+    load_data,
+    weights_name,
+)
 from byot.engine.checkpoint import DIGEST, update_checkpoint
 from byot.engine.cost import exit_costs
 from byot.engine.evaluate import collect_logits
@@ -62,11 +68,25 @@ def _held_out(cfg: TrainConfig, checkpoint: dict, data: DataBundle, what: str) -
     return data.val
 
 
-def _temperatures(checkpoint: dict, use_calibration: bool, n_exits: int) -> tuple[float, ...]:
-    stored = checkpoint.get("calibration", {}).get("temperatures") if use_calibration else None
+def _temperatures(checkpoint: dict, use_calibration: bool, n_exits: int,
+                  ema: bool | None = None) -> tuple[float, ...]:
+    """The calibration's temperatures, one per exit; ``ema`` given (the weights run now: True the average),
+    temperatures fitted on the other weights are named in a warning."""
+    entry = checkpoint.get("calibration", {}) if use_calibration else {}
+    stored = entry.get("temperatures")
     if stored and len(stored) != n_exits:
         raise ByotError(f"the checkpoint's calibration has {len(stored)} temperatures for {n_exits} exits")
+    if stored and ema is not None:
+        _warn_other_weights(entry, ema, "temperatures (byot calibrate)")
     return tuple(stored) if stored else ()
+
+
+def _warn_other_weights(entry: dict, ema: bool, what: str) -> None:
+    """Fitted values stored in the checkpoint were fitted on one set of weights (raw before --ema existed)."""
+    fitted_on = entry.get("weights", "raw")
+    if fitted_on != weights_name(ema):
+        log.warning("the stored %s were fitted on the %s weights, not on the %s ones used now; fit them again "
+                    "with%s --ema to match", what, fitted_on, weights_name(ema), "" if ema else "out")
 
 
 def _check_writable(checkpoint: dict, path: Path) -> None:
@@ -77,15 +97,15 @@ def _check_writable(checkpoint: dict, path: Path) -> None:
                         f"{path} --save-folder DIR), then run this command on DIR's checkpoint")
 
 
-def calibrate(cfg: TrainConfig, checkpoint: dict) -> dict[str, Any]:
+def calibrate(cfg: TrainConfig, checkpoint: dict, ema: bool = False) -> dict[str, Any]:
     """Fit one temperature per exit on the validation split, store it in the checkpoint, and report
-    NLL and ECE before and after on the validation and the test split."""
+    NLL and ECE before and after on the validation and the test split; ``ema``: of the weight average."""
     path = _checkpoint_path(cfg)
     _check_writable(checkpoint, path)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
     check_checkpoint_fits(checkpoint, data, str(path))
-    model, runtime = build_trained(cfg, checkpoint, device)
+    model, runtime = build_trained(cfg, checkpoint, device, ema)
     val_logits, val_targets = collect_logits(model, _held_out(cfg, checkpoint, data, "calibration"), runtime)
     temperatures = [fit_temperature(z, val_targets) for z in val_logits]
     for exit_id, t in zip(model.exit_stages, temperatures):
@@ -96,21 +116,23 @@ def calibrate(cfg: TrainConfig, checkpoint: dict) -> dict[str, Any]:
                         "chance" if t > 1 else "always right")
     test_logits, test_targets = collect_logits(model, data.test, runtime)
     entry = {"temperatures": temperatures, "split": "val", "val_split": cfg.val_split,
-             "num_images": len(val_targets), "byot_version": __version__}
+             "num_images": len(val_targets), "weights": weights_name(ema), "byot_version": __version__}
     update_checkpoint(path, {"calibration": entry}, fitted_on=checkpoint.get(DIGEST))
     log.info("stored temperatures %s in %s", ", ".join(f"{t:.3f}" for t in temperatures), path)
-    return {"checkpoint": str(path), "temperatures": temperatures, "num_val_images": len(val_targets),
-            "num_test_images": len(test_targets),
+    return {"checkpoint": str(path), "weights": weights_name(ema), "temperatures": temperatures,
+            "num_val_images": len(val_targets), "num_test_images": len(test_targets),
             "val": calibration_report(val_logits, val_targets, temperatures, model.exit_stages),
             "test": calibration_report(test_logits, test_targets, temperatures, model.exit_stages)}
 
 
 def resolve_policy(checkpoint: dict, n_exits: int, thresholds: Sequence[float] | None, final: str | None,
-                   use_calibration: bool = True) -> ExitPolicy:
+                   use_calibration: bool = True, ema: bool = False) -> ExitPolicy:
     """--threshold (one value for every shallow exit, or one each), else the fitted policy stored in the
-    checkpoint, else none (every sample answered by the final exit); calibration from the checkpoint."""
+    checkpoint, else none (every sample answered by the final exit); calibration from the checkpoint.
+    ``ema``: the weight average runs, so values fitted on the raw weights are named in a warning."""
     stored = checkpoint.get("early_exit") or {}
-    temperatures = _temperatures(checkpoint, use_calibration, n_exits)
+    use_stored = not thresholds and bool(stored.get("thresholds"))
+    temperatures = _temperatures(checkpoint, use_calibration, n_exits, None if use_stored else ema)
     if thresholds:
         if len(thresholds) == 1:
             thresholds = list(thresholds) * (n_exits - 1)
@@ -118,7 +140,8 @@ def resolve_policy(checkpoint: dict, n_exits: int, thresholds: Sequence[float] |
             raise ByotError(f"--threshold takes 1 or {n_exits - 1} values (one per shallow exit), got "
                             f"{len(thresholds)}")
         chosen = tuple(float(t) for t in thresholds)
-    elif stored.get("thresholds"):
+    elif use_stored:
+        _warn_other_weights(stored, ema, "early-exit thresholds (byot early-exit)")
         # fitted thresholds only mean something at the temperatures they were fitted with
         chosen, fitted_with = tuple(stored["thresholds"]), tuple(stored.get("temperatures", ()))
         if len(chosen) != n_exits - 1 or len(fitted_with) not in (0, n_exits):
@@ -138,22 +161,24 @@ def resolve_policy(checkpoint: dict, n_exits: int, thresholds: Sequence[float] |
 def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: str,
                budget_flops: float | None = None, max_drop: float | None = None,
                thresholds: Sequence[float] | None = None, use_calibration: bool = True,
-               timing: bool = False) -> dict[str, Any]:
+               timing: bool = False, ema: bool = False) -> dict[str, Any]:
     """The test split's accuracy-versus-FLOPs curve (JSON, CSV, PNG in ``out_dir``); with ``budget_flops``
-    or ``max_drop`` thresholds fitted on the validation split, stored in the checkpoint, scored on test."""
+    or ``max_drop`` thresholds fitted on the validation split, stored in the checkpoint, scored on test.
+    ``ema``: of the weight average the checkpoint holds instead of its weights."""
     path = _checkpoint_path(cfg)
     if budget_flops is not None or max_drop is not None:
         _check_writable(checkpoint, path)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
     check_checkpoint_fits(checkpoint, data, str(path))
-    model, runtime = build_trained(cfg, checkpoint, device)
+    model, runtime = build_trained(cfg, checkpoint, device, ema)
     _need_exits(model)
     costs = exit_costs(model, checkpoint["image_size"])
-    temperatures = _temperatures(checkpoint, use_calibration, model.num_exits)
+    temperatures = _temperatures(checkpoint, use_calibration, model.num_exits, ema)
     test_logits, test_targets = collect_logits(model, data.test, runtime)
     result: dict[str, Any] = {
-        "split": "test", "num_images": len(test_targets), "final": final, "calibrated": bool(temperatures),
+        "split": "test", "num_images": len(test_targets), "weights": weights_name(ema), "final": final,
+        "calibrated": bool(temperatures),
         "points": sweep(test_logits, test_targets, costs, temperatures, final),
         "exits": [{"exit": k, "top1": _top1(z, test_targets), "flops": c["flops"]}
                   for k, z, c in zip(model.exit_stages, test_logits, costs)],
@@ -168,14 +193,14 @@ def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: 
         criterion = {"budget_flops": budget_flops} if budget_flops is not None else {"max_drop": max_drop}
         result["fitted"] = {**fitted, "criterion": criterion, "fitted_on": "val",
                             "test": _scored(test_logits, test_targets, policy, costs)}
-        update_checkpoint(path, {"early_exit": {**policy.to_dict(), "criterion": criterion, "fitted_on": "val"}},
-                          fitted_on=checkpoint.get(DIGEST))
+        entry = {**policy.to_dict(), "criterion": criterion, "fitted_on": "val", "weights": weights_name(ema)}
+        update_checkpoint(path, {"early_exit": entry}, fitted_on=checkpoint.get(DIGEST))
         log.info("stored the fitted thresholds in %s (byot predict uses them)", path)
     elif thresholds:
-        policy = resolve_policy(checkpoint, model.num_exits, thresholds, final, use_calibration)
+        policy = resolve_policy(checkpoint, model.num_exits, thresholds, final, use_calibration, ema)
         result["given"] = {**policy.to_dict(), "test": _scored(test_logits, test_targets, policy, costs)}
     if timing:
-        policy = policy or resolve_policy(checkpoint, model.num_exits, None, final, use_calibration)
+        policy = policy or resolve_policy(checkpoint, model.num_exits, None, final, use_calibration, ema)
         result["timing"] = time_policy(model, policy, data, runtime)
     out_dir = out_dir or path.parent / "early_exit"
     result["files"] = [str(p) for p in write_curve(result, out_dir)]
@@ -271,18 +296,20 @@ def resize_ratio(dataset: str) -> float:
 
 
 def export_checkpoint(cfg: TrainConfig, checkpoint: dict, exit_arg: str, fmt: str, out: Path,
-                      force: bool = False) -> dict[str, Any]:
-    """Write exit ``exit_arg`` (an exit's number, "deepest" or "all") of the checkpoint's model as one standalone file.
-    An existing ``out`` is refused unless ``force``; the checkpoint itself never."""
+                      force: bool = False, ema: bool = False) -> dict[str, Any]:
+    """Write exit ``exit_arg`` (an exit's number, "deepest" or "all") of the checkpoint's model as one standalone file,
+    with ``ema`` of the weight average the checkpoint holds. An existing ``out`` is refused unless ``force``; the
+    checkpoint itself never."""
     check_output(out, force, _checkpoint_path(cfg))
-    model, _ = build_trained(cfg, checkpoint, torch.device("cpu"))
+    model, _ = build_trained(cfg, checkpoint, torch.device("cpu"), ema)
     exits = {"all": list(model.exit_stages), "deepest": model.exit_stages[-1:]}.get(exit_arg) or [_exit_number(exit_arg)]
     mean, std = checkpoint_normalization(checkpoint, NORMALIZATION[cfg.dataset])
     net = ExitNetwork(model, exits, mean, std)
     position = [model.exit_stages.index(k) for k in net.exit_numbers]
-    temperatures = _temperatures(checkpoint, True, model.num_exits)
+    temperatures = _temperatures(checkpoint, True, model.num_exits, ema)
     size = checkpoint["image_size"]
-    metadata = {"byot_version": __version__, "arch": cfg.arch, "exits": net.exit_numbers,
+    metadata = {"byot_version": __version__, "arch": cfg.arch, "weights": weights_name(ema),
+                "exits": net.exit_numbers,
                 "outputs": [f"logits_exit{k}" for k in net.exit_numbers], "classes": checkpoint["classes"],
                 "image_size": size, "resize_ratio": resize_ratio(cfg.dataset),
                 "input": f"float32 RGB (B, 3, {size}, {size}) in [0, 1]: short side resized (bilinear) to "

@@ -8,7 +8,8 @@ MFLOPS = 1e6
 
 
 def format_calibration(r: dict[str, Any]) -> str:
-    lines = [f"temperatures fitted on {r['num_val_images']} validation images, stored in {r['checkpoint']}",
+    lines = [(f"temperatures fitted on {r['num_val_images']} validation images{_weights(r)}, stored in "
+              f"{r['checkpoint']}"),
              (f"{'exit':<6}{'T':>7}  {'split':<5}{'NLL before':>12}{'NLL after':>11}{'ECE% before':>13}"
              f"{'ECE% after':>12}")]
     for split in ("val", "test"):
@@ -16,6 +17,11 @@ def format_calibration(r: dict[str, Any]) -> str:
             lines.append(f"{row['exit']:<6}{row['temperature']:>7.3f}  {split:<5}{row['nll_before']:>12.4f}"
                          f"{row['nll_after']:>11.4f}{row['ece_before']:>13.2f}{row['ece_after']:>12.2f}")
     return "\n".join(lines)
+
+
+def _weights(r: dict[str, Any]) -> str:
+    """The words that say a result is of the weight average (``--ema``); none for the raw weights."""
+    return ", weight average (EMA)" if r.get("weights") == "ema" else ""
 
 
 def _policy_line(label: str, p: dict[str, Any], numbers: list[int]) -> str:
@@ -28,7 +34,8 @@ def _policy_line(label: str, p: dict[str, Any], numbers: list[int]) -> str:
 
 
 def format_early_exit(r: dict[str, Any]) -> str:
-    lines = [(f"{r['split']} split, {r['num_images']} images; {'calibrated' if r['calibrated'] else 'uncalibrated'} "
+    confidences = "calibrated" if r["calibrated"] else "uncalibrated"
+    lines = [(f"{r['split']} split, {r['num_images']} images{_weights(r)}; {confidences} "
              f"confidences; the {r['final']} exit answers what no shallow exit takes"),
              f"{'':<10}{'top-1':>8}{'MFLOPs':>10}"]
     for e in r["exits"]:
@@ -62,7 +69,7 @@ def format_export(r: dict[str, Any]) -> str:
              if "max_abs_diff" in r else "")
     m = r["metadata"]
     return (f"wrote {r['path']} ({r['format']}, {r['bytes'] / 2**20:.1f} MiB): exit(s) {', '.join(map(str, r['exits']))}"
-            f" of {m['arch']}{check}\ninput: {m['input']}; outputs: {', '.join(m['outputs'])}")
+            f" of {m['arch']}{_weights(m)}{check}\ninput: {m['input']}; outputs: {', '.join(m['outputs'])}")
 
 
 def format_predictions(rows: list[dict[str, Any]]) -> str:

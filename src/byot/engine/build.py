@@ -147,10 +147,32 @@ def check_single_sample_batches(model: MultiExitNet, data: DataBundle) -> None:
 
 
 
-def build_trained(cfg: TrainConfig, checkpoint: dict, device: torch.device) -> tuple[MultiExitNet, Runtime]:
-    """The checkpoint's model, in eval mode on ``device``, and the runtime (amp, memory format) to run it."""
+def trained_weights(checkpoint: dict, ema: bool, source: str) -> dict[str, torch.Tensor]:
+    """The state a command runs: the checkpoint's weights, or with ``ema`` the average ``byot train --ema``
+    saved beside them (BatchNorm's running statistics as the average holds them); refused where it has none."""
+    if not ema:
+        return checkpoint["model"]
+    if checkpoint.get("ema") is None:
+        raise ByotError(f"{source} holds no weight average (EMA): it was trained without --ema; drop --ema to "
+                        "use its weights, or train with --ema DECAY")
+    return checkpoint["ema"]
+
+
+def weights_name(ema: bool) -> str:
+    """How results name the weights a command ran: "ema" (the average) or "raw" (the trained weights)."""
+    return "ema" if ema else "raw"
+
+
+def build_trained(cfg: TrainConfig, checkpoint: dict, device: torch.device,
+                  ema: bool = False) -> tuple[MultiExitNet, Runtime]:
+    """The checkpoint's model, in eval mode on ``device``, and the runtime (amp, memory format) to run it;
+    ``ema``: with the weight average the checkpoint holds instead of its weights."""
+    source = cfg.resume or "the checkpoint"
+    state = trained_weights(checkpoint, ema, source)
     model = build_model(cfg, checkpoint["num_classes"], checkpoint["image_size"], checkpoint)
     mean, std = checkpoint_normalization(checkpoint, NORMALIZATION[cfg.dataset])
     runtime = make_runtime(device, mean, std, cfg.amp, cfg.channels_last, model, training=False)
-    load_model_state(model, checkpoint["model"], cfg.resume or "the checkpoint")
+    load_model_state(model, state, source)
+    if ema:
+        log.info("running the weight average (EMA) that byot train --ema saved in %s", source)
     return runtime.place(model).eval(), evaluation_runtime(runtime, cfg.amp)

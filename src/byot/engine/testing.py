@@ -10,7 +10,7 @@ from typing import Any
 from byot.config import (
     TrainConfig,
 )
-from byot.engine.build import build_trained, check_checkpoint_fits, load_data
+from byot.engine.build import build_trained, check_checkpoint_fits, load_data, weights_name
 from byot.engine.cost import exit_costs
 from byot.engine.evaluate import evaluate
 from byot.engine.reports import class_counts, per_class_table, write_confusion
@@ -22,8 +22,10 @@ from byot.engine.runtime import (
 log = logging.getLogger("byot")
 
 
-def test_checkpoint(cfg: TrainConfig, checkpoint: dict, per_class: bool = False) -> dict[str, Any]:
-    """Evaluate a checkpoint on the test split: per-exit and ensemble accuracy plus per-exit cost.
+def test_checkpoint(cfg: TrainConfig, checkpoint: dict, per_class: bool = False,
+                    ema: bool = False) -> dict[str, Any]:
+    """Evaluate a checkpoint on the test split: per-exit and ensemble accuracy plus per-exit cost; ``ema``:
+    the weight average it holds (``byot train --ema``) instead of its weights ("weights" says which).
 
     ``per_class`` adds "per_class" ({class: [accuracy per exit]}) and writes confusion_exit<k>.png/.csv
     beside the checkpoint ("confusion_files" lists them).
@@ -31,7 +33,7 @@ def test_checkpoint(cfg: TrainConfig, checkpoint: dict, per_class: bool = False)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
     check_checkpoint_fits(checkpoint, data, cfg.resume or "the checkpoint")
-    model, runtime = build_trained(cfg, checkpoint, device)
+    model, runtime = build_trained(cfg, checkpoint, device, ema)
     result = evaluate(model, data.test, runtime, model.exit_stages, confusion=per_class)
     confusions = result.pop("confusion", None)
     if confusions is not None:
@@ -45,4 +47,4 @@ def test_checkpoint(cfg: TrainConfig, checkpoint: dict, per_class: bool = False)
     for e, c in zip(result["exits"], costs):
         e.update(flops=c["flops"], params=c["params"], compute_share=c["flops"] / full)
     return {"arch": cfg.arch, "dataset": cfg.dataset, "epoch": checkpoint.get("epoch"),
-            "precision": precision_name(runtime), **result}
+            "weights": weights_name(ema), "precision": precision_name(runtime), **result}

@@ -157,7 +157,22 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                         "safetensors")
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    _check_finite(tensors, path)
     return tensors
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a file with a NaN or an infinity in any floating-point tensor: training from it would diverge at
+    once and the loss would point at the learning rate, not at the file."""
+    counts = {name: tensor.numel() - int(torch.isfinite(tensor).sum()) for name, tensor in tensors.items()
+              if tensor.is_floating_point() or tensor.is_complex()}
+    bad = {name: count for name, count in counts.items() if count}
+    if bad:
+        first, count = next(iter(bad.items()))
+        total = sum(bad.values())
+        raise ByotError(f"pretrained weights {path} hold {total} non-finite value{'s' if total > 1 else ''} "
+                        f"(NaN or infinity), first in tensor {first} ({count} of its {tensors[first].numel()}); "
+                        "a file saved from a diverged run or damaged cannot be trained from")
 
 
 def _match(model: MultiExitResNet, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:

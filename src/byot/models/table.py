@@ -15,14 +15,20 @@ from byot.models.registry import create_model, list_models, model_entry
 def model_rows(num_classes: int = 100, image_size: int = 32, head: str = "bottleneck",
                names: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per registered name (or per name of ``names``, library models too): family, options, plain-backbone and multi-exit parameters, exits and
-    FLOPs (2 x multiply-adds) per exit for one image of ``image_size`` px."""
+    FLOPs (2 x multiply-adds) per exit for one image of ``image_size`` px. A name training would refuse (a
+    library model byot cannot split into stages) is the same ByotError here."""
     rows = []
+    own = set(list_models())
     for name in names or list_models():
+        entry = model_entry(name)
+        # a library model (timm/NAME, tv/NAME) is built as training builds it, on the CPU: its split into stages
+        # is checked by running one image through it, which the meta device skips (it has shapes, not values),
+        # so a model training refuses is refused here with the same line
+        with torch.device("meta" if name in own else "cpu"):
+            model = create_model(name, num_classes, image_size, head=head)
         with torch.device("meta"):
             plain = create_model(name, num_classes, image_size, exits=False)
-            model = create_model(name, num_classes, image_size, head=head)
         costs = exit_costs(model, image_size)
-        entry = model_entry(name)
         rows.append({"arch": name, "family": entry.family.name, "summary": entry.family.summary,
                      "options": dataclasses.asdict(model.spec),
                      "plain_params": sum(p.numel() for p in plain.parameters()),

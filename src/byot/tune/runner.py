@@ -32,6 +32,8 @@ from byot.tune.study import (
     counted,
     open_study,
     recover,
+    refuse_taken_folder,
+    study_names,
     surplus,
     this_worker,
 )
@@ -87,6 +89,8 @@ def run_study(tune: Tune, storage: Any, out: Path, jobs: int) -> Any:
     """Run trials until the study has ``tune.trials`` of them (or a signal stops it); returns the study."""
     from byot.data.fingerprint import data_fingerprint
 
+    if tune.name not in study_names(storage):
+        refuse_taken_folder(out, tune.name)
     study = open_study(tune, storage)
     bind_folder(study, out)
     check_data(study, data_fingerprint(tune.base_config.dataset, tune.base_config.data_dir))

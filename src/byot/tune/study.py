@@ -337,6 +337,18 @@ def check_study_folder(out: Path, storage_text: str) -> None:
                         "another --out")
 
 
+def refuse_taken_folder(out: Path, name: str) -> None:
+    """Before a new study is created: a folder that holds another study's id or run directories is refused,
+    so that the refusal leaves no empty study in the storage."""
+    marker = out / STUDY_FILE
+    if marker.is_file() or any(p.is_dir() for p in (out / "trials").glob("trial-*")):
+        owner = ""
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            owner = f" (study {json.loads(marker.read_text()).get('study')!r})"
+        raise ByotError(f"the study folder {out} holds another study's runs{owner}, and study {name!r} is new; "
+                        "give it its own --out, or continue that study with its own name and storage")
+
+
 def bind_folder(study: Any, out: Path) -> None:
     """Tie ``out`` to ``study``: its id, written in ``out/study.json`` by the study's first run, must match.
     A folder that holds trials but no id (another study's, or a byot 0.5.0 study's) is taken only by a study
