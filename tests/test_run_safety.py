@@ -20,7 +20,7 @@ from test_reliability import ARCH, RUN, byot_train
 from byot.cli import main
 from byot.engine.checkpoint import FORMAT, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from byot.engine.rundir import LOCK_NAME, run_lock
-from byot.errors import ByotError
+from byot.errors import ENVIRONMENT_EXIT, ByotError
 
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -325,7 +325,7 @@ def small_disk(tmp_path):
 def test_a_full_disk_is_named_and_loses_nothing(tmp_path, small_disk):
     _mount_tmpfs(small_disk, "1200k")  # room for epoch 1's two checkpoints (~0.45 MB each), not more
     proc = byot_train(small_disk, "--epochs", "3")
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == ENVIRONMENT_EXIT, proc.stderr  # the machine's failure: byot tune retries it
     last = proc.stderr.strip().splitlines()[-1]
     assert "no space left on the device" in last and "Traceback" not in proc.stderr
     run = small_disk / ARCH
@@ -340,7 +340,7 @@ def test_a_full_disk_is_named_and_loses_nothing(tmp_path, small_disk):
         except OSError as e:
             assert e.errno == errno.ENOSPC
     fresh = byot_train(small_disk / "other")
-    assert fresh.returncode == 2 and "no space left on the device" in fresh.stderr and "Traceback" not in fresh.stderr
+    assert fresh.returncode == ENVIRONMENT_EXIT and "no space left on the device" in fresh.stderr and "Traceback" not in fresh.stderr
     assert not (small_disk / "other" / ARCH / ".write-probe").exists()
 
 
@@ -349,7 +349,7 @@ def test_a_full_disk_during_a_checkpoint_write_is_named_at_a_fault_point(tmp_pat
     latest = tmp_path / ARCH / "checkpoint_latest.pth.tar"
     before = latest.read_bytes()
     proc = byot_train(tmp_path, "--resume", str(latest), fault="disk_full:1")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == ENVIRONMENT_EXIT and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "could not write checkpoint" in last and "no space left on the device" in last
     assert latest.read_bytes() == before
