@@ -20,6 +20,7 @@ A parameter's values become the option of the same name, as ``byot train --confi
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,7 +235,11 @@ def check_runnable(cfg: TrainConfig) -> None:
     """What a config needs of this machine before a trial starts: its device and precision, and its files."""
     from byot.engine.runtime import resolve_amp, resolve_device
 
-    resolve_amp(cfg.amp, resolve_device(cfg.device))
+    logging.disable(logging.WARNING)  # a slow-precision note is for the trial's log, not once per value
+    try:
+        resolve_amp(cfg.amp, resolve_device(cfg.device))
+    finally:
+        logging.disable(logging.NOTSET)
     if cfg.pretrained not in (None, "imagenet"):
         path = Path(cfg.pretrained).expanduser()
         if not path.is_file():
