@@ -37,7 +37,7 @@ if mode == "error":
     print("byot: error: a bad option"); sys.exit(1)
 run = root / "multi_resnet18_kd"
 run.mkdir(parents=True, exist_ok=True)
-(run / "config.yaml").write_text(yaml.safe_dump(options))
+(run / "config.yaml").write_text(yaml.safe_dump({**options, "final_test": False}))  # --no-final-test
 metrics = run / "metrics.jsonl"
 if redo:  # --overwrite: the old run goes
     metrics.unlink(missing_ok=True)

@@ -23,7 +23,6 @@ from byot.config import (
     EXTENDABLE,
     TrainConfig,
     config_to_dict,
-    learning_changes,
     save_yaml,
 )
 from byot.data import DataBundle
@@ -59,7 +58,7 @@ from byot.engine.distributed import (
 from byot.engine.ema import WeightAverage
 from byot.engine.evaluate import evaluate
 from byot.engine.faults import fault_point, with_loss_faults
-from byot.engine.resolve import trained_config
+from byot.engine.resolve import recorded_changes
 from byot.engine.rundir import BEST, LATEST, METRICS, PREVIOUS, TEST_RESULT, clear_run, run_lock
 from byot.engine.runfiles import (
     RunLog,
@@ -394,8 +393,7 @@ def _config_history(cfg: TrainConfig, checkpoint: dict | None,
     if checkpoint is None:
         return [], {}
     history = list(checkpoint.get("config_history", []))
-    before = trained_config(checkpoint)
-    changes = {k: [old, new] for k, (old, new) in learning_changes(before, cfg).items()} if before else {}
+    changes = {k: [old, new] for k, (old, new) in recorded_changes(checkpoint, cfg).items()}
     if changes:
         history.append({"epoch": start_epoch + 1, "changes": changes})
         extended = set(changes) <= set(EXTENDABLE)  # more epochs: how a finished run goes on

@@ -70,12 +70,20 @@ def resolve_config(given: dict[str, Any], config_file: str | None = None,
 
 
 def _refuse_learning_changes(checkpoint: dict, cfg: TrainConfig, source: str) -> None:
-    before = trained_config(checkpoint)
-    changes = {k: v for k, v in learning_changes(before, cfg).items() if k not in EXTENDABLE} if before else {}
+    changes = {k: v for k, v in recorded_changes(checkpoint, cfg).items() if k not in EXTENDABLE}
     if changes:
         raise ByotError(f"{source} was trained with other learning options: {describe_changes(changes)}; drop "
                         "these flags to continue the run as it was trained, add --allow-changes to go on with them "
                         "(the change is recorded), or start a new run")
+
+
+
+def recorded_changes(checkpoint: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``learning_changes`` from the checkpoint's config to ``cfg``, over the options the checkpoint records:
+    a reference-script checkpoint records its model alone, and what it learned with is not known."""
+    before = trained_config(checkpoint)
+    recorded = checkpoint.get("config", {})
+    return {k: v for k, v in learning_changes(before, cfg).items() if k in recorded} if before else {}
 
 
 

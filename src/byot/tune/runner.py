@@ -160,7 +160,7 @@ def _run_trial(w: Workers, trial: Any) -> None:
     retry = trial.user_attrs.get("retry_of")
     label = f"trial {trial.number}" + (f" (trial {retry} again)" if retry is not None else "")
     try:
-        cfg = build_config({}, {**options, "save_folder": str(root)})
+        cfg = build_config({}, {**options, "save_folder": str(root), "final_test": False})  # as the child runs
     except ByotError as e:
         _end(w, trial, "error", f"{label}: not a valid training config: {e}", error=str(e))
         return
