@@ -98,10 +98,12 @@ def test_resume_under_two_processes_and_across_world_sizes(runs, tmp_path):
     folder = tmp_path / "resumed"
     shutil.copytree(runs["one"], folder)  # a 1-process run ...
     latest = folder / ARCH / "checkpoint_latest.pth.tar"
-    proc = train(folder, "--epochs", "2", "--resume", str(latest), "--accum-steps", "2", processes=2)  # ... goes on
+    proc = train(folder, "--epochs", "2", "--resume", str(latest), "--accum-steps", "2", "--allow-changes",
+                 processes=2)  # ... goes on, with a larger effective batch: a change it records
     assert "resuming a run of 1 process(es) on 2" in proc.stderr
     records = metrics(folder / ARCH)
     assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["config_changes"] == {"epochs": [1, 2], "accum_steps": [1, 2]}
     assert load_checkpoint(latest)["epoch"] == 2 and torch.isfinite(torch.tensor(records[-1]["losses"]["loss"]))
 
 
