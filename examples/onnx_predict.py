@@ -57,7 +57,12 @@ def main(model_path: str, image_paths: list[str]) -> tuple[list[dict], list[str]
     """(one answer per readable image, one line per unreadable file)."""
     if not Path(model_path).is_file():
         sys.exit(f"no ONNX file at {model_path}")
-    session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  onnxruntime raises its own kinds for a file that is not ONNX
+        sys.exit(f"{model_path} is not an ONNX model onnxruntime can load ({str(e).splitlines()[0][:200]})")
+    if "byot" not in session.get_modelmeta().custom_metadata_map:
+        sys.exit(f"{model_path} holds no byot metadata: export it with byot export")
     meta = json.loads(session.get_modelmeta().custom_metadata_map["byot"])
     temperature = (meta.get("temperatures") or [1.0])[-1]
     results, errors, ready = [], [], []

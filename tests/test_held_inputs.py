@@ -180,7 +180,7 @@ TUNE_FILES = {  # case: (keys of the file, words of the refusal)
     "trials a string": ({"trials": "5"}, "trials must be an integer >= 1"),
     "trials a boolean": ({"trials": True}, "trials must be an integer >= 1"),
     "objective a number": ({"objective": 3}, "objective must be one of deepest"),
-    "budget NaN": ({"objective": "early-exit", "budget_flops": NAN}, "budget_flops must be a positive number"),
+    "budget NaN": ({"objective": "early-exit", "budget_flops": NAN}, "budget_flops must be a positive finite number"),
     "space empty": ({"space": {}}, "space must be a mapping of option: range or choices"),
     "space a list": ({"space": [{"lr": [0.1, 0.2]}]}, "space must be a mapping of option: range or choices"),
     "space null": ({"space": None}, "space must be a mapping of option: range or choices"),
@@ -242,6 +242,7 @@ STORAGES = {  # case: (--storage, relative to tmp_path unless absolute or a URL;
     "/proc": ("/proc", "cannot open --storage /proc"),
     "a file in /proc": ("/proc/study.db", "cannot open --storage /proc/study.db"),
     "a symlink loop": ("loop", "Too many levels of symbolic links"),
+    "a symlink loop named .db": ("loopa.db", "cannot resolve the path"),
 }
 
 
@@ -257,6 +258,8 @@ def test_odd_storages_are_one_line(tmp_path, monkeypatch, case):
     (tmp_path / "folder.db").mkdir()
     (tmp_path / "loop").symlink_to(tmp_path / "loop2")
     (tmp_path / "loop2").symlink_to(tmp_path / "loop")
+    (tmp_path / "loopa.db").symlink_to(tmp_path / "loopb.db")
+    (tmp_path / "loopb.db").symlink_to(tmp_path / "loopa.db")
     monkeypatch.setitem(sys.modules, "psycopg2", None)  # not installed, wherever this runs
     before = sorted(tmp_path.iterdir())
     with pytest.raises(ByotError) as error:
@@ -283,7 +286,10 @@ def test_a_new_storage_in_a_read_only_folder_is_refused(tmp_path):
     pytest.importorskip("optuna")
     folder = tmp_path / "ro"
     folder.mkdir()
-    storages = [str(folder / "study.db"), str(folder / "study.log"), str(folder / "sub" / "study.db")]
+    (folder / "old.db").write_bytes(b"")  # storages a study wrote before the file system went read-only
+    (folder / "old.log").write_bytes(b"")
+    storages = [str(folder / "study.db"), str(folder / "study.log"), str(folder / "sub" / "study.db"),
+                str(folder / "old.db"), str(folder / "old.log")]
     check = [sys.executable, "-c", READ_ONLY_CHECK, *storages]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if os.geteuid() != 0:
@@ -301,9 +307,10 @@ def test_a_new_storage_in_a_read_only_folder_is_refused(tmp_path):
     if proc.returncode == 77:
         pytest.skip(f"root cannot bind-mount here: {proc.stderr.strip()}")
     lines = proc.stdout.splitlines()
-    assert proc.returncode == 0 and len(lines) == 3, proc.stdout + proc.stderr
-    assert all(line.startswith("refused cannot open --storage") for line in lines), lines
-    assert list(folder.iterdir()) == []
+    assert proc.returncode == 0 and len(lines) == 5, proc.stdout + proc.stderr
+    assert all(line.startswith("refused cannot open --storage") for line in lines[:3]), lines
+    assert all(line.startswith("refused --storage") and "is read-only here" in line for line in lines[3:]), lines
+    assert sorted(p.name for p in folder.iterdir()) == ["old.db", "old.log"]
 
 
 # --- continuing a study -----------------------------------------------------------------------------------
@@ -499,3 +506,79 @@ def test_the_onnx_example_answers_odd_images_once_and_lists_the_unreadable(tiny_
     assert all(r["class"] in ("cat", "dog") and 0.5 <= r["probability"] <= 1 for r in rows)
     unreadable = proc.stderr.strip().splitlines()
     assert sorted(Path(line.split(": cannot read image")[0]).name for line in unreadable) == sorted(UNREADABLE)
+
+
+# --- attacks the third pass found not held, now held ------------------------------------------------------
+
+def test_a_blank_storage_and_a_name_of_no_letters_with_out_are_one_line(tmp_path, capsys):
+    assert _tune_refused(tmp_path, capsys, _tune_file(tmp_path), "--storage", "  ").endswith(
+        "--storage is empty; give a file (e.g. runs/tune/study.db) or a database URL")
+    err = _tune_refused(tmp_path, capsys, _tune_file(tmp_path), "--study-name", "///", "--out", str(tmp_path / "o"))
+    assert "name '///' has no letters or digits" in err
+
+
+@pytest.mark.parametrize("space, says", [({"alpha": [1, 1.0]}, "the choices repeat a value"),
+                                         ({"alpha": [True, 1]}, None)])
+def test_choices_equal_as_numbers_are_repeats_and_a_switch_is_not_a_number(space, says):
+    from byot.tune.space import parse_space
+
+    if says is None:
+        assert parse_space(space)[0].choices == (True, 1)
+        return
+    with pytest.raises(ByotError, match=says):
+        parse_space(space)
+
+
+@pytest.mark.parametrize("flags, says", [(["--budget-flops", "inf", "--objective", "early-exit"], "--budget-flops must"),
+                                         (["--max-drop", "nan", "--objective", "early-exit"], "--max-drop must")])
+def test_early_exit_bounds_must_be_finite(tmp_path, capsys, flags, says):
+    assert says in _tune_refused(tmp_path, capsys, _tune_file(tmp_path), *flags)
+
+
+@pytest.mark.parametrize("arch, option, says", [
+    ("multi_wrn16_4_kd", "depth=6000004", "asks for 3000000 residual blocks; byot builds at most 1000"),
+    ("multi_resnet18_kd", "layers=[2, 2, 2, 2000]", "asks for 2006 residual blocks"),
+])
+def test_networks_deeper_than_any_published_are_refused_at_once(tmp_path, capsys, arch, option, says):
+    start = time.perf_counter()
+    assert main(["train", arch, *TINY, "--model-option", option, "--save-folder", str(tmp_path)]) == 2
+    assert says in _one_line(capsys) and time.perf_counter() - start < 20
+
+
+def test_grouped_convolutions_wider_than_any_published_are_refused():
+    from byot.models.resnet import ResNetSpec
+    from byot.models.resnext import ResNeXtSpec
+
+    with pytest.raises(ByotError, match="cardinality and bottleneck_width must be at most 1024"):
+        ResNeXtSpec(cardinality=5000)
+    with pytest.raises(ByotError, match="groups and width_per_group must be at most 1024"):
+        ResNetSpec(block="bottleneck", groups=4096)
+
+
+@pytest.mark.parametrize("flag", ["--mixup", "--cutmix"])
+def test_a_beta_parameter_numpy_cannot_draw_from_is_refused(tmp_path, capsys, flag):
+    assert main(["train", ARCH, *TINY, flag, "1e308", "--save-folder", str(tmp_path)]) == 2
+    assert f"{flag} must lie in [0, 1000]" in _one_line(capsys)
+
+
+def test_predict_refuses_an_empty_path(digits_checkpoint, capsys):
+    assert main(["predict", "--resume", str(digits_checkpoint), ""]) == 2
+    assert "an empty PATH was given" in _one_line(capsys)
+
+
+def test_the_onnx_example_refuses_a_model_that_is_not_a_byot_export(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    text = tmp_path / "text.onnx"
+    text.write_text("not a model")
+    bare = tmp_path / "bare.onnx"
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["out"])], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bare)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    for model, says in ((text, "is not an ONNX model onnxruntime can load"), (bare, "holds no byot metadata")):
+        proc = _example(model, image)
+        assert proc.returncode == 1 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -299,8 +299,8 @@ RANGES: dict[str, Range] = {
     "beta": Range(0),
     "deepest_ce": Range(0),
     "cutout": Range(0, 4096),
-    "mixup": Range(0),
-    "cutmix": Range(0),
+    "mixup": Range(0, 1000),  # Beta(a, a): beyond a few hundred every ratio is 0.5; 1e308 made numpy draw 0
+    "cutmix": Range(0, 1000),
     "label_smoothing": Range(0, 1, high_open=True),
     "pad_fill": Range(0, 255),
     "ema": Range(0, 1, high_open=True),

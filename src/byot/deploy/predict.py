@@ -25,6 +25,8 @@ def find_images(paths: Sequence[str]) -> list[Path]:
     """Files as given (in order), folders searched recursively for image files (sorted, hidden ones skipped)."""
     found: list[Path] = []
     for text in paths:
+        if not text.strip():  # Path("") is the working directory: an empty argument is a mistake, not "here"
+            raise ByotError("an empty PATH was given; name image files or folders (. for this folder)")
         path = Path(text).expanduser()
         if path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS

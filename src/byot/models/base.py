@@ -28,6 +28,17 @@ from byot.errors import ByotError
 if TYPE_CHECKING:
     from byot.models.registry import ExitOptions
 
+# Residual blocks a network may have: the deepest published CIFAR ResNet (1202 layers) has 600; a typo such as
+# depth=6000004 would otherwise build for minutes before anything is said
+MAX_BLOCKS = 1000
+MAX_GROUPS = 1024  # cardinality, groups or channels per group of a grouped convolution
+
+
+def check_blocks(family: str, blocks: int, depth: str) -> None:
+    """Refuse a network of more than MAX_BLOCKS residual blocks, naming the option that asked for it."""
+    if blocks > MAX_BLOCKS:
+        raise ByotError(f"{family} {depth} asks for {blocks} residual blocks; byot builds at most {MAX_BLOCKS}")
+
 
 class MultiExitOutput(NamedTuple):
     """What every byot model returns; lists run shallow to deep, the deepest (the teacher) last."""

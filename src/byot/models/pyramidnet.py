@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from byot.errors import ByotError
-from byot.models.base import MultiExitNet
+from byot.models.base import MultiExitNet, check_blocks
 from byot.models.registry import ExitOptions, Family, register_model
 
 
@@ -43,6 +43,7 @@ class PyramidNetSpec:
     def __post_init__(self) -> None:
         if self.depth < 8 or (self.depth - 2) % 6:
             raise ByotError(f"PyramidNet depth must be 6n + 2 (8, 14, ..., 110, ...), not {self.depth}")
+        check_blocks("PyramidNet", 3 * (self.depth - 2) // 6, f"depth {self.depth}")
         if not 0 <= self.alpha <= 4096 or not 1 <= self.width <= 1024:
             raise ByotError(f"PyramidNet alpha must lie in [0, 4096] and width in [1, 1024] (got {self.alpha}, "
                             f"{self.width})")

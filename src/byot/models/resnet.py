@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from byot.errors import ByotError
-from byot.models.base import MultiExitNet
+from byot.models.base import MAX_GROUPS, MultiExitNet, check_blocks
 from byot.models.registry import ExitOptions, Family, register_model
 
 STEMS = ("auto", "cifar", "imagenet")  # the --stem choices
@@ -108,6 +108,10 @@ class ResNetSpec:
             raise ByotError(f"ResNet block must be one of {', '.join(BLOCKS)}, not {self.block!r}")
         if not self.layers or min(self.layers) < 1:
             raise ByotError(f"ResNet layers must be positive block counts per stage, not {self.layers}")
+        check_blocks("ResNet", sum(self.layers), f"layers {list(self.layers)}")
+        if max(self.groups, self.width_per_group) > MAX_GROUPS:
+            raise ByotError(f"ResNet groups and width_per_group must be at most {MAX_GROUPS} (got {self.groups}, "
+                            f"{self.width_per_group})")
         if not 1 <= self.width <= 1024 or self.groups < 1 or self.width_per_group < 1:
             raise ByotError(f"ResNet width must lie in [1, 1024] and groups, width_per_group be positive (got "
                             f"{self.width}, {self.groups}, {self.width_per_group})")

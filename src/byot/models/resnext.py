@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from byot.errors import ByotError
-from byot.models.base import MultiExitNet
+from byot.models.base import MAX_GROUPS, MultiExitNet, check_blocks
 from byot.models.registry import ExitOptions, Family, register_model
 
 
@@ -47,6 +47,10 @@ class ResNeXtSpec:
     def __post_init__(self) -> None:
         if self.depth < 11 or (self.depth - 2) % 9:
             raise ByotError(f"ResNeXt depth must be 9n + 2 (11, 20, 29, ...), not {self.depth}")
+        check_blocks("ResNeXt", 3 * (self.depth - 2) // 9, f"depth {self.depth}")
+        if max(self.cardinality, self.bottleneck_width) > MAX_GROUPS:
+            raise ByotError(f"ResNeXt cardinality and bottleneck_width must be at most {MAX_GROUPS} (got "
+                            f"{self.cardinality}, {self.bottleneck_width})")
         if min(self.cardinality, self.bottleneck_width, self.width) < 1 or self.width > 1024:
             raise ByotError(f"ResNeXt cardinality, bottleneck_width and width must be positive, width at most 1024 "
                             f"(got {self.cardinality}, {self.bottleneck_width}, {self.width})")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from byot.errors import ByotError
-from byot.models.base import MultiExitNet
+from byot.models.base import MultiExitNet, check_blocks
 from byot.models.registry import ExitOptions, Family, register_model
 
 
@@ -45,6 +45,7 @@ class WideResNetSpec:
     def __post_init__(self) -> None:
         if self.depth < 10 or (self.depth - 4) % 6:
             raise ByotError(f"WideResNet depth must be 6n + 4 (10, 16, 22, 28, 40, ...), not {self.depth}")
+        check_blocks("WideResNet", 3 * (self.depth - 4) // 6, f"depth {self.depth}")
         if not 1 <= self.widen <= 64 or not 1 <= self.width <= 1024:
             raise ByotError(f"WideResNet widen must lie in [1, 64] and width in [1, 1024] (got {self.widen}, "
                             f"{self.width})")

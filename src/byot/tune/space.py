@@ -158,6 +158,12 @@ def _check_kind(where: str, name: str, kind: str) -> None:
         raise ByotError(f"{where}: {name} takes a list of choices (e.g. {name}: [a, b]), not a {kind} range")
 
 
+def _choice_key(choice: Any) -> tuple[str, Any]:
+    if isinstance(choice, bool) or choice is None or isinstance(choice, str):
+        return type(choice).__name__, choice
+    return "number", float(choice)
+
+
 def _categorical(where: str, name: str, spec: dict[str, Any]) -> Param:
     choices = spec.get("choices")
     extra = sorted(k for k in spec if k not in ("type", "choices"))
@@ -167,7 +173,7 @@ def _categorical(where: str, name: str, spec: dict[str, Any]) -> Param:
         raise ByotError(f"{where}: choices must be a non-empty list, e.g. [bottleneck, attention]")
     if any(c is not None and not isinstance(c, (bool, int, float, str)) for c in choices):
         raise ByotError(f"{where}: each choice must be a number, a word, true/false or null (Optuna stores them)")
-    if len({repr(c) for c in choices}) != len(choices):
+    if len({_choice_key(c) for c in choices}) != len(choices):  # 1 and 1.0 are one value to a config
         raise ByotError(f"{where}: the choices repeat a value")
     return Param(name, "categorical", choices=tuple(choices))
 

@@ -4,6 +4,7 @@ before anything is opened or trained."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ SEED_MAX = 2**32 - 1  # numpy's bound, which Optuna's samplers seed
 DEFAULT_MAX_DROP = 1.0  # points of top-1 the early-exit objective's policy may give up, unless a budget is given
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _int_at_least(low: int):
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
 
@@ -41,8 +46,8 @@ TUNE_KEYS = {
                   "{type: median, startup_trials: 5, warmup_epochs: 2}", lambda v: isinstance(v, (str, dict))),
     "sampler": Key(f"one of {', '.join(SAMPLERS)}", "tpe", lambda v: v in SAMPLERS),
     "sampler_seed": Key(f"an integer in [0, {SEED_MAX}]", "0", lambda v: _int_at_least(0)(v) and v <= SEED_MAX),
-    "budget_flops": Key("a positive number", "2.0e8", lambda v: isinstance(v, (int, float)) and v > 0),
-    "max_drop": Key("a number >= 0", "1.0", lambda v: isinstance(v, (int, float)) and v >= 0),
+    "budget_flops": Key("a positive finite number", "2.0e8", lambda v: _finite(v) and v > 0),
+    "max_drop": Key("a finite number >= 0", "1.0", lambda v: _finite(v) and v >= 0),
 }
 
 
@@ -91,6 +96,10 @@ class Objective:
 
 def parse_objective(text: str, budget_flops: float | None, max_drop: float | None) -> Objective:
     text = text.strip()
+    if budget_flops is not None and not (_finite(budget_flops) and budget_flops > 0):
+        raise ByotError(f"--budget-flops must be a positive finite number, not {budget_flops!r}")
+    if max_drop is not None and not (_finite(max_drop) and max_drop >= 0):
+        raise ByotError(f"--max-drop must be a finite number >= 0, not {max_drop!r}")
     if text in ("deepest", "ensemble"):
         kind, number = text, None
     elif text == "early-exit":
@@ -220,4 +229,6 @@ def load_tune(path: str | Path, overrides: dict[str, Any], settings: dict[str, A
 
 
 def replace_name(tune: Tune, name: str | None) -> Tune:
+    if name is not None:
+        slug(name)  # a name with no letter or digit (``///``, ``..``) is refused whatever --out says
     return dataclasses.replace(tune, name=name) if name else tune

@@ -57,8 +57,13 @@ def storage_url(text: str) -> str:
     .sqlite3 as an SQLite URL; any other path stays a path (a journal file)."""
     if "://" in text:
         return text
+    if not text.strip():
+        raise ByotError("--storage is empty; give a file (e.g. runs/tune/study.db) or a database URL")
     if Path(text).suffix in (".db", ".sqlite", ".sqlite3"):
-        return f"sqlite:///{Path(text).expanduser().resolve()}"
+        try:
+            return f"sqlite:///{Path(text).expanduser().resolve()}"
+        except (RuntimeError, OSError) as e:  # a symlink loop
+            raise ByotError(f"--storage {text}: cannot resolve the path ({e})") from e
     return text
 
 
@@ -118,6 +123,10 @@ def open_storage(text: str, create: bool = True) -> Any:
     url = storage_url(text)
     path = storage_file(url)
     _check_storage_text(text, url, path)
+    if create and path is not None and path.is_file() and not (
+            os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)):
+        raise ByotError(f"--storage {text} is read-only here (the file or its folder, or a read-only file system); "
+                        "a study writes its trials there: give a writable copy")
     if not create and path is not None and not path.exists():
         raise ByotError(f"--storage {text}: no such file; give the storage a study wrote")
     try:
