@@ -227,7 +227,7 @@ SPACES = {
     "missing weights": ({"pretrained": ["/nonexistent.pth", None]}, {}, "/nonexistent.pth: no such file"),
     "an exits choice without the objective's exit": ({"exits": ["1,2,3", "2,3"]}, {"objective": "exit:1"},
                                                      "exit:1"),
-    "cutout larger than the image": ({"cutout": [8, 1000]}, {}, "--cutout 1000 is not smaller than the 16 px"),
+    "cutout larger than the image": ({"cutout": [8, 1000]}, {}, "--cutout 1000 is larger than the 16 px"),
 }
 
 
@@ -308,8 +308,8 @@ def test_a_config_file_that_is_a_fifo_is_refused_not_read_forever(tmp_path, caps
 def test_cutout_is_checked_against_the_image_size(tmp_path, capsys):
     base = ["train", "multi_resnet18_kd", "--dataset", "digits", "--save-folder", str(tmp_path)]
     assert main([*base, "--cutout", "1000"]) == 2
-    assert "--cutout 1000 is not smaller than the 32 px images" in capsys.readouterr().err
-    assert main([*base, "--image-size", "16", "--cutout", "16"]) == 2
-    assert "give at most 15" in capsys.readouterr().err
+    assert "--cutout 1000 is larger than the 32 px images" in capsys.readouterr().err
+    assert main([*base, "--image-size", "16", "--cutout", "17"]) == 2
+    assert "give at most 16" in capsys.readouterr().err
     assert not (tmp_path / "multi_resnet18_kd").exists()
 

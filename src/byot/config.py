@@ -346,9 +346,9 @@ def _validate(cfg: TrainConfig) -> None:
             listed = ", ".join(allowed[:-1]) + " or " + allowed[-1]
             raise ByotError(f"--{name.replace('_', '-')} must be {listed}, not {_short(getattr(cfg, name))}")
     size = cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset, 32)
-    if cfg.cutout >= size:
-        raise ByotError(f"--cutout {cfg.cutout} is not smaller than the {size} px images: its hole would blank "
-                        f"whole training images; give at most {size - 1} (the journal recipe's is 16 at 32 px)")
+    if cfg.cutout > size:
+        raise ByotError(f"--cutout {cfg.cutout} is larger than the {size} px images: its hole would blank whole "
+                        f"training images; give at most {size} (the journal recipe's is 16 at 32 px)")
     if cfg.exits is not None and not cfg.distill:
         raise ByotError("--exits places shallow exits, which the plain backbone (--no-distill) does not have; "
                         "drop one of them")
