@@ -18,7 +18,7 @@ from byot.deploy.policy import ExitPolicy
 from byot.engine.build import build_trained
 from byot.engine.checkpoint import load_checkpoint
 from byot.engine.resolve import resolve_config
-from byot.engine.runfiles import read_metrics
+from byot.runs.runfiles import read_metrics
 
 ARCH = "multi_resnet18_kd"
 

@@ -2,7 +2,7 @@
 
 Every run is a real ``byot train`` process on the digits (deterministic on the CPU), 3 epochs of a width-4
 network at 16 px with a validation hold-out: about 4 s. A crash is either a real SIGKILL from outside or
-one the process sends itself at a named point (``BYOT_FAULT``, byot.engine.faults), so the place of death
+one the process sends itself at a named point (``BYOT_FAULT``, byot.runs.faults), so the place of death
 is exact. The reference is the same run, uninterrupted.
 """
 

@@ -221,7 +221,7 @@ SCAN_CHILD = """
 import contextlib, sys
 from pathlib import Path
 from byot.data.scan import scan_images
-from byot.engine.signals import handle_signals
+from byot.runs.signals import handle_signals
 with handle_signals() if sys.argv[2] == "handled" else contextlib.nullcontext():
     print("scanning", flush=True)
     scan_images([Path(sys.argv[1])] * 20000, workers=2)

@@ -19,8 +19,8 @@ from test_reliability import ARCH, RUN, byot_train
 
 from byot.cli import main
 from byot.engine.checkpoint import FORMAT, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from byot.engine.rundir import LOCK_NAME, run_lock
 from byot.errors import ENVIRONMENT_EXIT, ByotError
+from byot.runs.rundir import LOCK_NAME, run_lock
 
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -62,7 +62,7 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_naming_the_first(
 
 def test_the_run_lock_is_exclusive_between_processes_and_reentrant_within_one(tmp_path):
     with run_lock(tmp_path), run_lock(tmp_path):  # a caller of fit may hold it already
-        code = ("import sys; from pathlib import Path; from byot.engine.rundir import run_lock\n"
+        code = ("import sys; from pathlib import Path; from byot.runs.rundir import run_lock\n"
                 "try:\n    run_lock(Path(sys.argv[1])).__enter__()\nexcept Exception as e:\n    print(e)\n")
         out = _run([sys.executable, "-c", code, str(tmp_path)]).stdout
         assert f"PID {os.getpid()}" in out

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import metrics
 
-import byot.engine.children as children_module
+import byot.runs.children as children_module
 import byot.sweep as sweep_module
 from byot.cli import main
 from byot.config import TrainConfig, build_config, save_yaml
@@ -357,7 +357,7 @@ def test_a_second_signal_kills_the_child_at_once(tmp_path, monkeypatch):
 
 
 def test_a_hang_up_after_a_first_signal_is_not_a_second_one(tmp_path):
-    # SIGHUP (a closed terminal; the kernel may repeat it, see byot.engine.signals) never kills the children
+    # SIGHUP (a closed terminal; the kernel may repeat it, see byot.runs.signals) never kills the children
     # the way a second SIGINT or SIGTERM does
     with open(tmp_path / "sweep.log", "a") as log, children_module.ChildStopper() as stopper:
         proc = children_module.start_child(stubborn_child(tmp_path), log)

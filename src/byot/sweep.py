@@ -28,7 +28,7 @@ scratch (``byot train --overwrite``), never resumed: continuing it with other op
 included, which moves the step schedule's milestones) would mix two configurations in one result.
 
 SIGINT and SIGTERM while a run trains are forwarded to it once; the sweep waits for it to save and stop
-(at most ``byot.engine.children.CHILD_STOP_SECONDS``, then kills it) and exits 130 / 143; rerunning the
+(at most ``byot.runs.children.CHILD_STOP_SECONDS``, then kills it) and exits 130 / 143; rerunning the
 sweep continues.
 """
 
@@ -56,12 +56,12 @@ from byot.config import (
     load_yaml,
     model_identity,
 )
-from byot.engine.checkpoint import write_text_atomic
-from byot.engine.children import ChildStopper, StoppedBySignal, appended_log, start_child
-from byot.engine.rundir import LATEST, PREVIOUS, run_files
-from byot.engine.runfiles import read_metrics, read_test_result
-from byot.engine.signals import signal_name
 from byot.errors import ByotError, describe_os_error
+from byot.runs.atomic import write_text_atomic
+from byot.runs.children import ChildStopper, StoppedBySignal, appended_log, start_child
+from byot.runs.rundir import LATEST, PREVIOUS, run_files
+from byot.runs.runfiles import read_metrics, read_test_result
+from byot.runs.signals import signal_name
 
 log = logging.getLogger("byot")
 
@@ -368,7 +368,7 @@ SweepInterrupted = StoppedBySignal  # SIGINT or SIGTERM stopped the sweep (exit 
 
 def _run_child(command: list[str], log_path: Path) -> int:
     """Run ``command`` with its output appended to ``log_path``; its exit code. A signal to the sweep
-    stops the child first (``byot.engine.children``), then raises SweepInterrupted."""
+    stops the child first (``byot.runs.children``), then raises SweepInterrupted."""
     with appended_log(log_path, command) as logfile, ChildStopper() as stopper:
         proc = start_child(command, logfile)
         stopper.watch(proc)

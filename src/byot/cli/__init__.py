@@ -35,7 +35,7 @@ COMMANDS = {"train": cmd_train, "test": cmd_test, "demo": cmd_demo, "bench": cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from byot.engine.signals import stop_with_parent_if_asked
+    from byot.runs.signals import stop_with_parent_if_asked
 
     _tolerant_output()
     stop_with_parent_if_asked()

@@ -44,8 +44,8 @@ def _run_training(given: dict[str, Any], config_file: str | None, overwrite: boo
     from byot.engine.distributed import launched_by_torchrun
     from byot.engine.fit import fit
     from byot.engine.resolve import resolve_config
-    from byot.engine.rundir import LATEST
-    from byot.engine.signals import Interrupted, handle_signals, signal_name
+    from byot.runs.rundir import LATEST
+    from byot.runs.signals import Interrupted, handle_signals, signal_name
 
     main_process = launched_by_torchrun().is_main  # under torchrun only rank 0 logs, prints and writes
     show_bar = given.get("progress", True) and sys.stderr.isatty() and main_process
@@ -191,8 +191,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         check_study_folder(_study_folder(settings["out"], storage_text, tune.name), storage_text)
     storage = open_storage(storage_text, create=not settings["summary"])
     if training:
-        from byot.engine.children import StoppedBySignal
-        from byot.engine.signals import signal_name
+        from byot.runs.children import StoppedBySignal
+        from byot.runs.signals import signal_name
         from byot.tune.runner import run_study
 
         try:

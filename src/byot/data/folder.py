@@ -28,8 +28,8 @@ import torch
 from PIL import Image, ImageOps
 
 from byot.data.batches import ONE_PROCESS, Shard, batch_bounds, epoch_generator, epoch_order
-from byot.engine.signals import ignore_handled_signals
 from byot.errors import ByotError
+from byot.runs.signals import ignore_handled_signals
 
 log = logging.getLogger("byot.data")
 

@@ -26,8 +26,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from byot.config import check_range
 from byot.data.folder import FolderIndex, index_folder
-from byot.engine.signals import die_with_parent, ignore_handled_signals
 from byot.errors import ByotError
+from byot.runs.signals import die_with_parent, ignore_handled_signals
 
 log = logging.getLogger("byot.data")
 

@@ -42,7 +42,6 @@ from byot.engine.checkpoint import (
     restore_rng_state,
     rng_state,
     save_checkpoint,
-    write_text_atomic,
 )
 from byot.engine.distributed import (
     SINGLE,
@@ -57,17 +56,7 @@ from byot.engine.distributed import (
 )
 from byot.engine.ema import WeightAverage
 from byot.engine.evaluate import evaluate
-from byot.engine.faults import fault_point, with_loss_faults
 from byot.engine.resolve import recorded_changes
-from byot.engine.rundir import BEST, LATEST, METRICS, PREVIOUS, TEST_RESULT, clear_run, run_lock
-from byot.engine.runfiles import (
-    RunLog,
-    open_tensorboard,
-    prepare_run_dir,
-    read_test_result,
-    reset_metrics,
-    write_tensorboard,
-)
 from byot.engine.runtime import (
     Runtime,
     build_optimizer,
@@ -77,13 +66,24 @@ from byot.engine.runtime import (
     precision_name,
     resolve_device,
 )
-from byot.engine.signals import critical_section
 from byot.engine.train import NonFiniteGuard, lr_at, train_one_epoch
 from byot.errors import ByotError, describe_os_error
 from byot.losses import SelfDistillLoss, describe_loss
 from byot.models import MultiExitNet
 from byot.models.pretrained import describe_load, load_pretrained
 from byot.models.registry import spec_record
+from byot.runs.atomic import write_text_atomic
+from byot.runs.faults import fault_point, with_loss_faults
+from byot.runs.rundir import BEST, LATEST, METRICS, PREVIOUS, TEST_RESULT, clear_run, run_lock
+from byot.runs.runfiles import (
+    RunLog,
+    open_tensorboard,
+    prepare_run_dir,
+    read_test_result,
+    reset_metrics,
+    write_tensorboard,
+)
+from byot.runs.signals import critical_section
 
 log = logging.getLogger("byot")
 

@@ -20,8 +20,8 @@ from byot.config import (
 from byot.engine.checkpoint import (
     load_checkpoint,
 )
-from byot.engine.rundir import LATEST, PREVIOUS
 from byot.errors import ByotError
+from byot.runs.rundir import LATEST, PREVIOUS
 
 log = logging.getLogger("byot")
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from byot.engine.checkpoint import write_text_atomic
-from byot.engine.rundir import BEST
 from byot.errors import ByotError, describe_os_error
+from byot.runs.atomic import write_text_atomic
+from byot.runs.rundir import BEST
 from byot.tune import optuna_module
 from byot.tune.space import with_params
 from byot.tune.study import IDENTITY, MACHINE, STATE, STUDY_ID, counted

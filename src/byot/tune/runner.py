@@ -1,5 +1,5 @@
 """The workers of one ``byot tune`` process: ``--jobs`` threads, each asking the study for a trial, training it
-in a ``byot train`` child (``byot.engine.children``), reporting its epochs to the pruner, and telling the
+in a ``byot train`` child (``byot.runs.children``), reporting its epochs to the pruner, and telling the
 study how it ended. Ctrl-C or SIGTERM reach every child once: each saves its epoch and stops, its trial is
 marked interrupted, and the next ``byot tune`` resumes it from that epoch."""
 
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from byot.config import TrainConfig, build_config
-from byot.engine.children import ChildStopper, StoppedBySignal, appended_log, start_child
-from byot.engine.runfiles import read_metrics
 from byot.errors import ENVIRONMENT_EXIT, ByotError
+from byot.runs.children import ChildStopper, StoppedBySignal, appended_log, start_child
+from byot.runs.runfiles import read_metrics
 from byot.sweep import plan_run, write_options
 from byot.tune import optuna_module
 from byot.tune.space import with_params
@@ -275,7 +275,7 @@ def _values(w: Workers, cfg: TrainConfig, records: list[dict]) -> tuple[list[flo
 
     from byot.deploy.run import fit_on_validation
     from byot.engine.resolve import resolve_config
-    from byot.engine.rundir import BEST
+    from byot.runs.rundir import BEST
 
     torch.set_num_threads(w.threads)
     trained, checkpoint = resolve_config({"resume": str(cfg.run_dir / BEST), "workers": 0, "final_test": False})

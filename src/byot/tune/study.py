@@ -31,9 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from byot.engine.checkpoint import write_text_atomic
-from byot.engine.rundir import pid_alive
 from byot.errors import ByotError, describe_os_error
+from byot.runs.atomic import write_text_atomic
+from byot.runs.rundir import pid_alive
 from byot.tune import optuna_module
 from byot.tune.spec import Tune
 
