@@ -124,7 +124,7 @@ def test_a_resume_keeps_the_recipe_it_was_trained_with(digits_checkpoint, capsys
 
 def test_a_sweep_redoes_a_run_whose_feature_skip_differs(tmp_path):
     from byot.config import save_yaml
-    from byot.sweep import config_changes
+    from byot.runs.trainchild import config_changes
 
     stored = build_config({}, {"dataset": "digits"})
     save_yaml(stored, tmp_path / "config.yaml")

@@ -321,7 +321,7 @@ def test_a_cut_test_result_is_redone_on_resume(tmp_path, reference):
     assert byot_train(tmp_path).returncode == 0
     result = tmp_path / ARCH / "test_result.json"
     result.write_text(result.read_text()[:40])  # a crash while it was written
-    from byot.sweep import finished, stored_config
+    from byot.runs.trainchild import finished, stored_config
 
     assert finished(tmp_path / ARCH, stored_config(tmp_path / ARCH)) is None  # a sweep would redo this run, not crash on it
     proc = byot_train(tmp_path, "--resume", str(tmp_path / ARCH / "checkpoint_latest.pth.tar"))

@@ -23,15 +23,13 @@ import byot.sweep as sweep_module
 from byot.cli import main
 from byot.config import TrainConfig, build_config, save_yaml
 from byot.errors import ByotError
+from byot.runs.trainchild import config_changes, finished, slug
 from byot.sweep import (
     _mean_std,
     _run_child,
     _train,
-    config_changes,
-    finished,
     format_results,
     load_sweep,
-    slug,
     write_results,
 )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,31 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int],
                         "write the values out or use fewer nested aliases")
     sizes[key] = size
     return size
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of an options file (a sweep or tune file): what its value must be (said in the error, with an example) and the test."""
+
+    must_be: str
+    example: str
+    valid: Callable[[Any], bool]
+    required: bool = False
+
+
+def check_shape(where: str, data: Any, schema: dict[str, Key]) -> None:
+    """Raise one ByotError line for the first thing in ``data`` that ``schema`` does not allow."""
+    if not isinstance(data, dict):
+        raise ByotError(f"{where} must be a mapping of {', '.join(schema)}, not {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in schema)
+    if unknown:
+        raise ByotError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(schema)}")
+    for key, spec in schema.items():
+        if key not in data:
+            if spec.required:
+                raise ByotError(f"{where} needs {key}: {spec.must_be}, e.g. {spec.example}")
+        elif not spec.valid(data[key]):
+            raise ByotError(f"{where}: {key} must be {spec.must_be}, e.g. {spec.example}")
 
 
 def build_config(base: dict[str, Any], *overrides: dict[str, Any]) -> TrainConfig:

@@ -18,14 +18,10 @@ override the base. Every row runs with the same budget unless its options change
 checked against ``SWEEP_KEYS`` and ``ROW_KEYS``, and every row's options as a training config, before
 anything runs.
 
-A run is kept, or resumed, only when it was trained with the options its row asks for now: the
-``config.yaml`` each run writes at its start is compared, field by field, with the config the sweep would
-give its ``byot train`` child. Fields in ``UNCOMPARED`` change neither what is learned nor what is measured
-and are ignored; ``data_dir`` is compared as the absolute folder it names (a relative one resolved against
-the working directory, as the child resolves it); fields a run's config.yaml lacks (an older byot) count as
-their defaults. A run whose options differ, or that left files but no readable config.yaml, is redone from
-scratch (``byot train --overwrite``), never resumed: continuing it with other options (more epochs
-included, which moves the step schedule's milestones) would mix two configurations in one result.
+A run is kept, or resumed, only when it was trained with the options its row asks for now
+(``byot.runs.trainchild``, the rule byot tune's trials follow too): a run of other options is redone from
+scratch, never resumed; continuing it (more epochs included, which moves the step schedule's milestones)
+would mix two configurations in one result.
 
 SIGINT and SIGTERM while a run trains are forwarded to it once; the sweep waits for it to save and stop
 (at most ``byot.runs.children.CHILD_STOP_SECONDS``, then kills it) and exits 130 / 143; rerunning the
@@ -37,39 +33,31 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from byot.config import (
-    FIELD_NAMES,
-    MODEL_FIELDS,
-    RANGES,
-    TrainConfig,
-    build_config,
-    load_yaml,
-    model_identity,
-)
+from byot.config import RANGES, Key, TrainConfig, build_config, check_shape, load_yaml
 from byot.errors import ByotError, describe_os_error
 from byot.runs.atomic import write_text_atomic
 from byot.runs.children import ChildStopper, StoppedBySignal, appended_log, start_child
-from byot.runs.rundir import LATEST, PREVIOUS, run_files
-from byot.runs.runfiles import read_metrics, read_test_result
+from byot.runs.rundir import LATEST, PREVIOUS
+from byot.runs.runfiles import read_metrics
 from byot.runs.signals import signal_name
+from byot.runs.trainchild import (
+    Plan,
+    child_command,
+    finished,
+    plan_run,
+    slug,
+    write_options,
+)
 
 log = logging.getLogger("byot")
 
 RESULT_FILES = ("results.json", "results.md")
-OPTIONS_FILE = "sweep_options.yaml"  # in each run root: the --config its byot train child reads
-# TrainConfig fields that change neither what a run learns nor what it measures: a stored run that differs
-# from its row only in these is kept. save_folder: the runs may have moved with the sweep's --runs-dir.
-UNCOMPARED = ("resume", "progress", "print_freq", "workers", "device", "save_folder", "download")
+
 
 
 @dataclass(frozen=True)
@@ -115,25 +103,8 @@ class RunStatus:
     result: dict[str, Any] = field(default_factory=dict)
 
 
-def slug(name: str) -> str:
-    """A row name as a folder name: lower case, runs of other characters as one '-'."""
-    text = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    if not text:
-        raise ByotError(f"name {name!r} has no letters or digits to name its folder; add some")
-    return text
-
 
 # --- the sweep file's shape ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Key:
-    """One key of a sweep file: what its value must be (said in the error, with an example) and the test."""
-
-    must_be: str
-    example: str
-    valid: Callable[[Any], bool]
-    required: bool = False
-
 
 def _text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
@@ -165,21 +136,6 @@ ROW_KEYS = {
     "name": Key("a non-empty string", "{name: plain backbone, options: {distill: false}}", _text, required=True),
     "options": Key(OPTIONS, "{distill: false}", _mapping),
 }
-
-
-def check_shape(where: str, data: Any, schema: dict[str, Key]) -> None:
-    """Raise one ByotError line for the first thing in ``data`` that ``schema`` does not allow."""
-    if not isinstance(data, dict):
-        raise ByotError(f"{where} must be a mapping of {', '.join(schema)}, not {type(data).__name__}")
-    unknown = sorted(str(k) for k in data if k not in schema)
-    if unknown:
-        raise ByotError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(schema)}")
-    for key, spec in schema.items():
-        if key not in data:
-            if spec.required:
-                raise ByotError(f"{where} needs {key}: {spec.must_be}, e.g. {spec.example}")
-        elif not spec.valid(data[key]):
-            raise ByotError(f"{where}: {key} must be {spec.must_be}, e.g. {spec.example}")
 
 
 def _option_names(options: dict[Any, Any] | None) -> dict[str, Any]:
@@ -217,84 +173,6 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     return sweep
 
 
-# --- is a stored run the one the row asks for? ----------------------------------------------------------
-
-def stored_config(run_dir: Path) -> TrainConfig | None:
-    """The config a run wrote at its start (config.yaml), or None when it is missing or unreadable."""
-    if not (run_dir / "config.yaml").is_file():
-        return None
-    try:
-        saved = load_yaml(run_dir / "config.yaml")
-        return build_config({}, {k: v for k, v in saved.items() if k in FIELD_NAMES})  # not num_classes etc.
-    except ByotError as e:
-        log.debug("%s: %s", run_dir / "config.yaml", e)
-        return None
-
-
-def _comparable(name: str, value: Any) -> Any:
-    if name == "data_dir" and value is not None:
-        return str(Path(value).expanduser().resolve())
-    return value
-
-
-def config_changes(wanted: TrainConfig, run_dir: Path) -> list[str] | None:
-    """The compared fields in which the run stored in ``run_dir`` differs from ``wanted``, as
-    "name old -> new"; None when the run has no readable config.yaml."""
-    stored = stored_config(run_dir)
-    if stored is None:
-        return None
-    changes = []
-    for name in FIELD_NAMES:  # the model's fields through their canonical identity (below), not as spelled
-        old, new = (_comparable(name, getattr(c, name)) for c in (stored, wanted))
-        if name not in (*UNCOMPARED, *MODEL_FIELDS) and old != new:
-            changes.append(f"{name} {old} -> {new}")
-    try:
-        before = model_identity(stored)
-    except ByotError as e:  # options an older byot wrote that this one does not take
-        return [*changes, f"model ({e})"]
-    after = model_identity(wanted)
-    changes += [f"{k} {before.get(k)} -> {v}" for k, v in after.items() if before.get(k) != v]
-    return changes
-
-
-def finished(run_dir: Path, wanted: TrainConfig) -> dict[str, Any] | None:
-    """The test result of a run that is complete and was trained with ``wanted``'s options, else None.
-
-    With a validation split that is test_result.json (the one test evaluation of model_best); without,
-    the last epoch's test-split record of metrics.jsonl.
-    """
-    if config_changes(wanted, run_dir) != []:
-        return None
-    records = read_metrics(run_dir)
-    if not records or records[-1].get("epoch") != wanted.epochs:  # unfinished
-        return None
-    if wanted.val_split > 0:
-        return read_test_result(run_dir)
-    last = records[-1]
-    if "exits" not in last or "ensemble" not in last:
-        return None
-    return {"epoch": wanted.epochs, "exits": last["exits"], "ensemble": last["ensemble"], "selected_on": "last epoch"}
-
-
-@dataclass(frozen=True)
-class Plan:
-    action: str  # "keep" (finished with these options), "continue" (resume or start), "redo" (from scratch)
-    why: str = ""  # for "redo": what differs
-    result: dict[str, Any] | None = None  # for "keep"
-
-
-def plan_run(run_dir: Path, wanted: TrainConfig) -> Plan:
-    """What the sweep does with one run directory."""
-    changes = config_changes(wanted, run_dir)
-    if changes is None:
-        # files of a run without its config: nothing says which options made them
-        return Plan("redo", "no readable config.yaml") if run_files(run_dir) else Plan("continue")
-    if changes:
-        return Plan("redo", f"options changed ({'; '.join(changes)})")
-    result = finished(run_dir, wanted)
-    return Plan("keep", result=result) if result is not None else Plan("continue")
-
-
 # --- running the sweep -------------------------------------------------------------------------------------
 
 def run_sweep(sweep: Sweep, dry_run: bool = False) -> list[RunStatus]:
@@ -326,24 +204,6 @@ def _doing(plan: Plan, run_dir: Path) -> str:
     if plan.action == "redo":
         return f"{plan.why}: redoing from scratch"
     return "resuming" if (run_dir / LATEST).exists() or (run_dir / PREVIOUS).exists() else "starting"
-
-
-def child_command(arch: str, root: Path, redo: bool) -> list[str]:
-    """The ``byot train`` command of one run; it reads its options from ``root / OPTIONS_FILE``.
-    ``redo``: the run directory's old run is removed first (--overwrite) instead of continued."""
-    start = ["--overwrite"] if redo else ["--resume", "auto"]
-    return [sys.executable, "-m", "byot", "train", arch, "--config", str(root / OPTIONS_FILE),
-            "--save-folder", str(root), *start, "--no-progress"]
-
-
-def write_options(root: Path, options: dict[str, Any]) -> None:
-    """The options file ``child_command`` points at (arch travels as the command's argument)."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / OPTIONS_FILE).write_text(yaml.safe_dump({k: v for k, v in options.items() if k != "arch"},
-                                                         sort_keys=False))
-    except OSError as e:
-        raise ByotError(f"cannot write {root / OPTIONS_FILE}: {e.strerror or e}; choose another --runs-dir") from e
 
 
 def _train(row: str, seed: int, wanted: TrainConfig, command: list[str], root: Path) -> RunStatus:

@@ -180,7 +180,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     elif not settings["summary"]:
         raise ByotError("byot tune needs a tune file (TUNE.yaml), or --summary --storage URL")
     name = tune.name if tune else settings["study_name"]
-    from byot.sweep import slug
+    from byot.runs.trainchild import slug
     from byot.tune.study import check_study_folder
 
     storage_text = settings["storage"] or (f"runs/tune/{slug(name)}.db" if name else None)
@@ -217,7 +217,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def _study_folder(out: str | None, storage: str, name: str) -> Path:
     """--out, or a folder named after the study beside the storage file (runs/tune/NAME for a server)."""
-    from byot.sweep import slug
+    from byot.runs.trainchild import slug
     from byot.tune.study import storage_file, storage_url
 
     if out:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from byot.config import TrainConfig, build_config
 from byot.errors import ENVIRONMENT_EXIT, ByotError
 from byot.runs.children import ChildStopper, StoppedBySignal, appended_log, start_child
 from byot.runs.runfiles import read_metrics
-from byot.sweep import plan_run, write_options
+from byot.runs.trainchild import child_command, plan_run, write_options
 from byot.tune import optuna_module
 from byot.tune.space import with_params
 from byot.tune.spec import Tune
@@ -78,11 +77,7 @@ def trial_command(arch: str, root: Path, redo: bool = False) -> list[str]:
     """One trial's ``byot train``: options from its folder's options file, resumed from its checkpoint when
     it has one (a retried trial), and no test evaluation (the tuner tests the best trial once, at the end).
     ``redo``: the run directory holds a run of other options, which is replaced (--overwrite)."""
-    from byot.sweep import OPTIONS_FILE
-
-    start = ["--overwrite"] if redo else ["--resume", "auto"]
-    return [sys.executable, "-m", "byot", "train", arch, "--config", str(root / OPTIONS_FILE),
-            "--save-folder", str(root), *start, "--no-progress", "--no-final-test"]
+    return child_command(arch, root, redo, final_test=False)
 
 
 def run_study(tune: Tune, storage: Any, out: Path, jobs: int) -> Any:

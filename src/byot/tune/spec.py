@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from byot.config import TrainConfig, load_yaml
+from byot.config import Key, TrainConfig, check_shape, load_yaml
 from byot.errors import ByotError
-from byot.sweep import UNCOMPARED, Key, check_shape, slug
+from byot.runs.trainchild import UNCOMPARED, slug
 from byot.tune.space import Param, check_space, model_values, parse_space
 
 OBJECTIVES = ("deepest", "exit:N", "ensemble", "early-exit")
