@@ -13,10 +13,10 @@ from typing import Any
 from byot.config import (
     TrainConfig,
 )
+from byot.errors import ByotError, describe_os_error
 from byot.runs.atomic import write_text_atomic
 from byot.runs.rundir import LATEST, METRICS, TEST_RESULT
 from byot.runs.signals import critical_section
-from byot.errors import ByotError, describe_os_error
 
 log = logging.getLogger("byot")
 
