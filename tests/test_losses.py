@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from byot import SelfDistillLoss
-from byot.losses import cross_entropy, feature_hint, soft_cross_entropy
+from byot.losses import cross_entropy, feature_distance, feature_hint, soft_cross_entropy
 from byot.models import MultiExitOutput
 
 
@@ -16,8 +16,9 @@ def np_log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def np_reference_loss(logits, features, y, alpha, beta, T) -> dict[str, float]:
-    """The reference's formula written out in float64 numpy."""
+def np_reference_loss(logits, features, y, alpha, beta, T, hint="mean") -> dict[str, float]:
+    """The reference's formula written out in float64 numpy; its hint is a sum over the batch ("sum"), byot's
+    by default the mean over images of each image's sum over channels ("mean")."""
     out = {}
     n = len(y)
     for i, z in enumerate(logits, start=1):
@@ -26,7 +27,8 @@ def np_reference_loss(logits, features, y, alpha, beta, T) -> dict[str, float]:
     for i in range(1, len(logits)):
         out[f"kd/exit{i}"] = -(p * np_log_softmax(logits[i - 1] / T)).sum(axis=1).mean()
         f, ft = features[i - 1], features[-1]
-        out[f"hint/exit{i}"] = (((f - ft) ** 2) * ((f > 0) | (ft > 0))).sum()
+        per_image = (((f - ft) ** 2) * ((f > 0) | (ft > 0))).sum(axis=1)
+        out[f"hint/exit{i}"] = per_image.sum() if hint == "sum" else per_image.mean()
     k = len(logits)
     total = (1 - alpha) * sum(out[f"ce/exit{i}"] for i in range(1, k + 1))
     total += alpha * T**2 * sum(out[f"kd/exit{i}"] for i in range(1, k))
@@ -52,17 +54,19 @@ def test_hand_computed_two_class_case():
     assert terms["loss"].item() == pytest.approx(0.5 * (ln2 + ce2) + 0.5 * ln2 + 0.25, abs=1e-6)
 
 
+@pytest.mark.parametrize("hint", ["mean", "sum"])
 @pytest.mark.parametrize("alpha,beta,T", [(0.1, 1e-6, 3.0), (0.5, 0.01, 1.0), (0.0, 0.0, 4.0), (1.0, 0.1, 2.0)])
-def test_matches_numpy_reference(alpha, beta, T):
+def test_matches_numpy_reference(alpha, beta, T, hint):
+    # "sum" is the reference script's hint, the golden values of byot before its terms became means
     rng = np.random.default_rng(0)
     B, K, C = 7, 5, 6
     logits = [rng.normal(size=(B, K)) * 3 for _ in range(4)]
     features = [rng.normal(size=(B, C)) for _ in range(4)]
     y = rng.integers(0, K, size=B)
-    expected = np_reference_loss(logits, features, y, alpha, beta, T)
+    expected = np_reference_loss(logits, features, y, alpha, beta, T, hint)
     out = MultiExitOutput([torch.tensor(z, dtype=torch.float32) for z in logits],
                           [torch.tensor(f, dtype=torch.float32) for f in features])
-    terms = SelfDistillLoss(alpha, beta, T)(out, torch.tensor(y))
+    terms = SelfDistillLoss(alpha, beta, T, feature_reduction=hint)(out, torch.tensor(y))
     assert set(terms) == set(expected)
     for name, value in expected.items():
         assert terms[name].item() == pytest.approx(value, rel=1e-5, abs=1e-5), name
@@ -97,6 +101,14 @@ def test_pure_functions_and_exit_names():
     assert soft_cross_entropy(z, p, 2.0).item() == pytest.approx(-np_log_softmax(z.numpy() / 2)[0, 0], rel=1e-6)
     # both negative -> masked out entirely
     assert feature_hint(torch.tensor([[-1.0, 2.0]]), torch.tensor([[-3.0, 0.0]])).item() == pytest.approx(4.0)
+    # two images of hints 4 and 1 (its -3 is masked: both features below 0): the mean, or the reference's sum
+    f, ft = torch.tensor([[-1.0, 2.0], [1.0, -3.0]]), torch.tensor([[-3.0, 0.0], [0.0, 0.0]])
+    assert feature_hint(f, ft).item() == pytest.approx(2.5)
+    assert feature_hint(f, ft, "sum").item() == pytest.approx(5.0)
+    # distances 3 and 4: the journal's norm 5, or its root mean square 5 / sqrt(2)
+    f, ft = torch.tensor([[3.0, 0.0], [0.0, 4.0]]), torch.zeros(2, 2)
+    assert feature_distance(f, ft, "sum").item() == pytest.approx(5.0)
+    assert feature_distance(f, ft).item() == pytest.approx(5.0 / np.sqrt(2.0))
     single = MultiExitOutput([torch.randn(2, 3)], [torch.randn(2, 4)])
     terms = SelfDistillLoss(alpha=0.0, beta=0.0)(single, torch.tensor([0, 2]), exit_ids=[4])
     assert set(terms) == {"loss", "ce/exit4"}
@@ -128,12 +140,14 @@ def np_journal_loss(logits, features, y, T, skip_index_deepest_first=1) -> float
     return total
 
 
-def test_the_journal_recipe_loss_matches_its_code_written_out():
+@pytest.mark.parametrize("step", [{"batch_size": 6}, {"batch_size": 3, "accum_steps": 2}])
+def test_the_journal_recipe_loss_matches_its_code_written_out(step):
     from byot.config import build_config
     from byot.data import DataBundle
     from byot.engine.build import build_loss
 
-    cfg = build_config({}, {"recipe": "journal", "dataset": "digits"})
+    # the 6 images are a full step: byot's per-image distance, weighted for a step of 6, is that code's norm
+    cfg = build_config({}, {"recipe": "journal", "dataset": "digits", **step})
     rng = np.random.default_rng(3)
     logits = [rng.normal(size=(6, 10)) * 2 for _ in range(4)]
     features = [rng.normal(size=(6, 16)) for _ in range(4)]

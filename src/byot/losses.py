@@ -1,16 +1,25 @@
 """The self-distillation loss of "Be Your Own Teacher" as pure functions plus one thin module.
 
-The ICCV 2019 objective (byot's defaults):
+The ICCV 2019 objective (byot's defaults), every term a mean over the batch's B images:
 
     total = (1 - alpha) * sum_{i=1..n} CE(y, z_i)
           + alpha * T^2 * sum_{i=1..n-1} softCE(softmax(z_n / T), z_i / T)
-          + beta * sum_{i=1..n-1} sum((f_i - f_n)^2 where f_i > 0 or f_n > 0)
+          + beta * sum_{i=1..n-1} mean_b sum_c((f_i - f_n)^2 where f_i > 0 or f_n > 0)
 
-The TPAMI 2021 journal code's (``--recipe journal``: deepest_ce 1, alpha 0.3, no T^2, adapted features, beta
-0.03, the second-deepest exit without a feature term):
+The TPAMI 2021 journal code's (``--recipe journal``: deepest_ce 1, alpha 0.3, no T^2, adapted features, the
+second-deepest exit without a feature term):
 
     total = CE(y, z_n) + (1 - alpha) * sum_{i<n} CE(y, z_i) + alpha * sum_{i<n} softCE(softmax(z_n / T), z_i / T)
-          + beta * sum_{i<n, i != n-1} || A_i(f_i) - f_n ||_2
+          + beta * sum_{i<n, i != n-1} || A_i(f_i) - f_n ||_2 / sqrt(B)
+
+Means make the loss's value independent of how a batch is split: over processes (DDP) or accumulation steps,
+the parts' values weighted by their shares (``SelfDistillLoss.denominators``) give the whole batch's. The two
+references instead sum the feature term over the batch: the ICCV hint over images and channels (its beta
+1e-6), the journal's L2 norm over the (B, C) difference (its beta 0.03). ``feature_reduction="sum"`` gives
+their terms; their weights convert as ``mean_feature_weight`` says: beta_mean = beta_sum * B for the hint,
+beta_sum * sqrt(B) for the journal's distance (a norm over B images is sqrt(B) times their root mean square).
+The root mean square is the one term that does not split exactly: the parts' share-weighted mean equals the
+whole batch's where the parts' mean squared distances are equal, and is below it otherwise.
 
 z_i are exit i's logits, f_i its pooled features, shallow to deep; exit n (the deepest) is the teacher, and
 its logits and feature are detached in the KD and feature terms. A_i is a learned linear map that the model
@@ -71,19 +80,30 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     return -(teacher_probs * log_q).sum(dim=1).mean()
 
 
-def feature_hint(feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
-    """Sum (over batch and channels) of squared differences where either feature is positive.
+FEATURE_REDUCTIONS = ("mean", "sum")
 
-    A sum, not a mean, as in the reference: that is why its weight beta is ~1e-6.
-    """
+
+def feature_hint(feature: torch.Tensor, teacher_feature: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The ICCV hint of (B, C) features: per image, the sum over channels of squared differences where either
+    feature is positive; "mean" over the images, or "sum" (the reference's, hence its beta of ~1e-6)."""
     feature, teacher_feature = feature.float(), teacher_feature.float()
     mask = (feature > 0) | (teacher_feature > 0)
-    return ((feature - teacher_feature) ** 2 * mask).sum()
+    per_image = ((feature - teacher_feature) ** 2 * mask).sum(dim=1)  # (B,)
+    return per_image.sum() if reduction == "sum" else per_image.mean()
 
 
-def feature_distance(feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
-    """The L2 (Frobenius) norm of the (B, C) difference: the journal code's ``torch.dist``, not squared."""
-    return torch.linalg.vector_norm(feature.float() - teacher_feature.float())
+def feature_distance(feature: torch.Tensor, teacher_feature: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The journal's distance of (B, C) features: "sum" is the L2 (Frobenius) norm of the whole difference (its
+    code's ``torch.dist``, not squared); "mean" that norm over sqrt(B), the root mean square of the images'
+    distances."""
+    norm = torch.linalg.vector_norm(feature.float() - teacher_feature.float())
+    return norm if reduction == "sum" else norm / len(feature) ** 0.5
+
+
+def mean_feature_weight(beta_sum: float, feature_loss: str, images: int) -> float:
+    """The weight of the "mean" feature term that equals ``beta_sum`` on the summed one for a batch of
+    ``images``: beta_sum * images for the hint, beta_sum * sqrt(images) for the journal's distance."""
+    return beta_sum * (images ** 0.5 if feature_loss == "adapted" else images)
 
 
 def term_kind(name: str) -> str:
@@ -100,21 +120,30 @@ class SelfDistillLoss:
     """Applies the weights and returns every named term; ``out["loss"]`` is the total.
 
     ``alpha``: share of the KD term (0 gives deep supervision: every exit learns from labels only).
-    ``beta``: weight of the feature term. ``temperature``: softens the teacher; KD scaled by T**2 where
-    ``kd_t2``. ``deepest_ce``: the deepest exit's label weight (None: 1 - alpha, like the others).
+    ``beta``: weight of the feature term; the default 1.28e-4 is the reference's 1e-6 on its summed hint at
+    its 128 images per batch (``mean_feature_weight``). ``temperature``: softens the teacher; KD scaled by
+    T**2 where ``kd_t2``. ``deepest_ce``: the deepest exit's label weight (None: 1 - alpha, like the others).
     ``feature_loss``: "hint" (ICCV) or "adapted" (the journal's distance; the model adapts the features).
-    ``feature_skip``: exit numbers without a feature term. The values are checked once, in the run
-    configuration (``byot.config.RANGES``).
+    ``feature_reduction``: "mean" over the batch's images (the default: the value does not depend on the
+    batch's size or split) or "sum", the references' (beta_mean = beta_sum * B for the hint, beta_sum *
+    sqrt(B) for "adapted"). ``feature_skip``: exit numbers without a feature term. The values are checked
+    once, in the run configuration (``byot.config.RANGES``).
+
+    The label and KD terms are always means: over the images, or with ``class_weights`` the weighted mean
+    sum_b w_{y_b} l_b / sum_b w_{y_b}.
     """
 
-    def __init__(self, alpha: float = 0.1, beta: float = 1e-6, temperature: float = 3.0,
+    def __init__(self, alpha: float = 0.1, beta: float = 1.28e-4, temperature: float = 3.0,
                  class_weights: torch.Tensor | None = None, *, deepest_ce: float | None = None,
                  kd_t2: bool = True, feature_loss: str = "hint", feature_skip: Sequence[int] = (),
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, feature_reduction: str = "mean") -> None:
+        if feature_reduction not in FEATURE_REDUCTIONS:
+            raise ValueError(f"feature_reduction must be one of {FEATURE_REDUCTIONS}, not {feature_reduction!r}")
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.class_weights = class_weights  # (K,) weights of the label terms, or None
         self.deepest_ce, self.kd_t2, self.feature_loss = deepest_ce, kd_t2, feature_loss
         self.feature_skip, self.label_smoothing = tuple(feature_skip), label_smoothing
+        self.feature_reduction = feature_reduction
 
     def __call__(
         self, output: MultiExitOutput, targets: torch.Tensor, exit_ids: Sequence[int] | None = None
@@ -135,10 +164,21 @@ class SelfDistillLoss:
             if k in self.feature_skip:
                 continue
             if self.feature_loss == "adapted":
-                terms[f"feature/exit{k}"] = feature_distance(f, teacher_feature)
+                terms[f"feature/exit{k}"] = feature_distance(f, teacher_feature, self.feature_reduction)
             else:
-                terms[f"hint/exit{k}"] = feature_hint(f, teacher_feature)
+                terms[f"hint/exit{k}"] = feature_hint(f, teacher_feature, self.feature_reduction)
         return {"loss": self.total(terms), **terms}
+
+    def denominators(self, targets: Targets) -> dict[str, torch.Tensor]:
+        """What each kind of term is a mean over, for a batch with ``targets``: its summed class weights for
+        the label terms (its image count without class weights), its image count for the others.
+
+        A batch split into parts p has the whole's value as sum_p d_p term_p / sum_p d_p for every term
+        (for "mean" features; the journal's distance approximately, see the module's docstring).
+        """
+        images = torch.tensor(float(len(targets)))
+        return {"ce": label_weight_sum(self.class_weights, targets), "kd": images, "hint": images,
+                "feature": images}
 
     @property
     def weights(self) -> dict[str, float]:
@@ -168,5 +208,6 @@ def describe_loss(loss: SelfDistillLoss) -> str:
     deepest = f"deepest {loss.deepest_ce:g}" if loss.deepest_ce is not None else "all"
     kd = f"{loss.alpha:g} x T^2 = {loss.weights['kd']:g}" if loss.kd_t2 else f"{loss.alpha:g} (no T^2)"
     skip = f", none for exit {', '.join(map(str, loss.feature_skip))}" if loss.feature_skip else ""
+    smoothing = f", label smoothing {loss.label_smoothing:g}" if loss.label_smoothing else ""
     return (f"CE {1 - loss.alpha:g} ({deepest}), KD {kd} at T = {loss.temperature:g}, {loss.feature_loss} "
-            f"{loss.beta:g}{skip}" + (f", label smoothing {loss.label_smoothing:g}" if loss.label_smoothing else ""))
+            f"{loss.beta:g} ({loss.feature_reduction} over images){skip}{smoothing}")

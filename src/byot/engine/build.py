@@ -22,7 +22,7 @@ from byot.engine.runtime import (
     make_runtime,
 )
 from byot.errors import ByotError
-from byot.losses import SelfDistillLoss
+from byot.losses import SelfDistillLoss, mean_feature_weight
 from byot.models import MultiExitNet, create_model
 from byot.models.registry import parse_exits
 
@@ -75,13 +75,19 @@ def augment_spec(cfg: TrainConfig) -> AugmentSpec:
 
 def build_loss(cfg: TrainConfig, data: DataBundle, device: torch.device,
                exit_stages: list[int]) -> SelfDistillLoss:
-    """The loss ``cfg`` asks for, for a model whose heads read the stages ``exit_stages``."""
+    """The loss ``cfg`` asks for, for a model whose heads read the stages ``exit_stages``.
+
+    Its terms are means over images. --beta weighs the references' feature term, summed over a step's
+    images (--batch-size x --accum-steps, over all processes): the loss gets the per-image weight of a full
+    step, beta x images for the hint and beta x sqrt(images) for the journal's distance
+    (``mean_feature_weight``); the training loop keeps --beta's weight on a last step of another size."""
     weights = balanced_class_weights(data.train_counts, device) if cfg.class_weights == "balanced" else None
     # the plain backbone has one exit: no teacher, no KD, no hint, cross-entropy only
     if not cfg.distill:
         return SelfDistillLoss(alpha=0.0, beta=0.0, temperature=cfg.temperature, class_weights=weights,
                                label_smoothing=cfg.label_smoothing)
-    return SelfDistillLoss(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature, class_weights=weights,
+    beta = mean_feature_weight(cfg.beta, cfg.feature_loss, cfg.batch_size * cfg.accum_steps)
+    return SelfDistillLoss(alpha=cfg.alpha, beta=beta, temperature=cfg.temperature, class_weights=weights,
                            deepest_ce=cfg.deepest_ce, kd_t2=cfg.kd_t2, feature_loss=cfg.feature_loss,
                            feature_skip=feature_skip(cfg, exit_stages), label_smoothing=cfg.label_smoothing)
 

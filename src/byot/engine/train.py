@@ -20,7 +20,7 @@ from byot.engine.distributed import all_reduce_max, all_reduce_sum
 from byot.engine.faults import fault_point
 from byot.engine.runtime import Runtime
 from byot.errors import ByotError
-from byot.losses import SelfDistillLoss, label_weight_sum, term_kind
+from byot.losses import SelfDistillLoss, mean_feature_weight, term_kind
 
 log = logging.getLogger("byot.train")
 
@@ -69,15 +69,17 @@ def train_step(model: nn.Module, group: Sequence[tuple[torch.Tensor, Targets]],
                optimizer: torch.optim.Optimizer, loss_fn: SelfDistillLoss, runtime: Runtime,
                scaler: torch.amp.GradScaler, exit_ids: Sequence[int],
                keep_bn_on_nonfinite: bool = False, global_total: int | None = None,
-               world_size: int = 1) -> StepResult:
+               world_size: int = 1, full_total: int | None = None) -> StepResult:
     """One optimizer step over ``group``: one uint8 batch (B, 3, H, W) with its labels, or several
     whose gradients accumulate (--accum-steps); under torchrun this process's part of the global batch(es)
-    of ``global_total`` images (``BatchWeights`` makes the gradient the one-process gradient of it all).
+    of ``global_total`` images (``PartWeights`` makes the gradient the one-process gradient of it all).
+    ``full_total``: the images of a full step, for which the loss's feature weight was converted
+    (``build_loss``); a step of another size, an epoch's last, keeps --beta's weight on its own images.
 
     The scaler skips the update when a gradient is not finite; ``keep_bn_on_nonfinite`` also undoes such a
     step's BatchNorm statistics (for --skip-nonfinite, where training goes on after it).
     """
-    weigh = BatchWeights(loss_fn, group, global_total, world_size)
+    weigh = PartWeights(loss_fn, group, global_total, world_size, full_total)
     snapshot = BatchNormSnapshot(model) if keep_bn_on_nonfinite else None
     optimizer.zero_grad(set_to_none=True)
     results, objectives = [], []
@@ -105,37 +107,39 @@ def _gradients_reduced_after_last(model: nn.Module, last: bool) -> contextlib.Ab
     return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
 
 
-class BatchWeights:
-    """Each batch's objective within an optimizer step: the loss's own total for one whole batch in one
-    process; otherwise each term scaled before the loss's weighted total. Label and KD terms are batch
-    means, so they are scaled by the batch's share of the step's images (for class-weighted label terms, of
-    the step's summed class weights) times the number of processes (DistributedDataParallel averages the
-    processes' gradients); the hint is a sum already and is scaled by the number of processes alone. The
-    accumulated, averaged gradient is then the one-process gradient of the whole step's images.
+class PartWeights:
+    """Each part's objective within an optimizer step: a part is one batch of an accumulated step
+    (--accum-steps) in one process of ``world_size``. The loss's terms are means, so a part's term weighs
+    its share of the step's denominator (``SelfDistillLoss.denominators``: its images, or for class-weighted
+    label terms its labels' summed weights) times the number of processes, which DistributedDataParallel's
+    averaging divides out. The accumulated, averaged gradient is then the one-process gradient of the whole
+    step's images; for the journal's feature term, a root mean square over images, it is where the parts'
+    mean squared distances are equal (exact in one process without --accum-steps), as that code's norm
+    scaled by the square root of the part's share was before.
 
-    The journal's feature distance (a norm over the batch) does not split into parts: each part's norm is
-    scaled by the square root of its share, which equals the whole batch's norm where the parts' squared
-    distances are in proportion to their sizes (exact in one process without --accum-steps)."""
+    --beta weighs the references' feature term summed over a step's images; ``build_loss`` converts it to
+    the per-image weight of a full step of ``full_total`` images (``mean_feature_weight``). A step of another
+    size, an epoch's last, scales its feature terms from that weight to its own, so every step's objective
+    stays the references' at --beta."""
 
-    def __init__(self, loss_fn: SelfDistillLoss, group: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 global_total: int | None, world_size: int) -> None:
+    def __init__(self, loss_fn: SelfDistillLoss, group: Sequence[tuple[torch.Tensor, Targets]],
+                 global_total: int | None, world_size: int, full_total: int | None = None) -> None:
         self.loss_fn, self.world = loss_fn, world_size
-        self.exact = len(group) == 1 and world_size == 1
-        self.total = global_total or sum(len(targets) for _, targets in group)
-        self.weights = loss_fn.class_weights
-        self.weight_total = None  # the step's summed class weights, over processes too
-        if self.weights is not None and not self.exact:
-            self.weight_total = all_reduce_sum(sum(label_weight_sum(self.weights, t) for _, t in group)
-                                               .detach().clone())
+        images = global_total or sum(len(targets) for _, targets in group)
+        feature = (mean_feature_weight(1.0, loss_fn.feature_loss, images)
+                   / mean_feature_weight(1.0, loss_fn.feature_loss, full_total or images))
+        self.exact = len(group) == 1 and world_size == 1 and feature == 1.0
+        self.feature = {"hint": feature, "feature": feature}
+        self.step = dict.fromkeys(loss_fn.denominators(group[0][1]), float(images))  # over processes too
+        if loss_fn.class_weights is not None and not self.exact:
+            label_weights = sum(loss_fn.denominators(targets)["ce"] for _, targets in group)
+            self.step["ce"] = all_reduce_sum(label_weights.detach().clone())
 
     def __call__(self, terms: dict[str, torch.Tensor], targets: Targets) -> torch.Tensor:
         if self.exact:
             return terms["loss"]
-        share = self.world * len(targets) / self.total
-        ce_share = share if self.weight_total is None else (
-            self.world * label_weight_sum(self.weights, targets) / self.weight_total)
-        scale = {"ce": ce_share, "kd": share, "hint": self.world,
-                 "feature": self.world * (len(targets) / self.total) ** 0.5}
+        own = self.loss_fn.denominators(targets)
+        scale = {kind: self.world * own[kind] / self.step[kind] * self.feature.get(kind, 1.0) for kind in own}
         return self.loss_fn.total({n: v * scale[term_kind(n)] for n, v in terms.items() if n != "loss"})
 
 
@@ -297,6 +301,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     world = getattr(getattr(batches, "shard", None), "world", 1)
     sizes = batches.global_batch_sizes()
     totals = [sum(sizes[i:i + accum_steps]) for i in range(0, len(sizes), accum_steps)]  # per optimizer step
+    full = batches.batch_size * accum_steps  # the images of a full step, as build_loss counts them
     acc = _EpochSums()
     start = time.perf_counter()
     steps = len(totals)
@@ -305,15 +310,14 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     for step, group in enumerate(_groups(batches, accum_steps), start=1):
         fault_point("train_step")
         outcome = train_step(model, group, optimizer, loss_fn, runtime, scaler, exit_ids, keep_bn,
-                             totals[step - 1], world)
+                             totals[step - 1], world, full)
         results = outcome.batches
         if on_step is not None:
             on_step(outcome.bad)
         with torch.no_grad():
             names = [n for n in results[0][0] if n != "loss"]  # the total is rebuilt from the terms' means
-            first = (step - 1) * accum_steps
-            values = torch.stack([_weighted(terms, names, len(targets), sizes[first + i])
-                                  for i, ((_, targets), (terms, _)) in enumerate(zip(group, results))])  # (G, T)
+            values = torch.stack([_weighted(terms, names, len(targets))
+                                  for (_, targets), (terms, _) in zip(group, results)])  # (G, T)
             finite = torch.stack([torch.isfinite(terms["loss"]) for terms, _ in results]).all()
             bad = guard.observe(outcome.bad, torch.cat([finite[None], torch.isfinite(values).all(dim=0)]),
                                 ["loss", *names], step)
@@ -343,13 +347,10 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
             "nonfinite_steps": guard.check(epoch)}
 
 
-def _weighted(terms: dict[str, torch.Tensor], names: list[str], images: int, global_images: int) -> torch.Tensor:
-    """(T,) loss terms weighted for an image-weighted epoch mean: label and KD terms are means over this
-    process's ``images``; the hint is a sum over the global batch, which every process's part adds up to,
-    so its parts are weighted by the global batch's size (the same thing in one process); the journal's
-    feature distance, a norm over the part, is scaled to the global batch as ``BatchWeights`` scales it."""
-    scale = {"hint": float(global_images), "feature": images * (global_images / images) ** 0.5}
-    return torch.stack([terms[n].detach().float() * scale.get(term_kind(n), float(images)) for n in names])
+def _weighted(terms: dict[str, torch.Tensor], names: list[str], images: int) -> torch.Tensor:
+    """(T,) loss terms weighted for an image-weighted epoch mean: every term is a mean over this part's
+    ``images`` (class-weighted label terms too: the log weighs images, not labels)."""
+    return torch.stack([terms[n].detach().float() for n in names]) * float(images)
 
 
 def _total(loss_fn: SelfDistillLoss, names: list[str], means: list[float]) -> float:
