@@ -22,6 +22,7 @@ from byot.data.digits import load_digits
 from byot.deploy import run as deploy_run
 from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.policy import ExitPolicy, simulate
+from byot.deploy.policy_file import policy_path, read_fitted
 from byot.engine.build import build_trained, load_data
 from byot.engine.checkpoint import load_checkpoint
 from byot.engine.evaluate import collect_logits
@@ -33,7 +34,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def ckpt(digits_checkpoint, tmp_path) -> Path:
-    """A private copy of the trained digits checkpoint (commands write calibration and thresholds into it)."""
+    """A private copy of the trained digits checkpoint (commands write calibration and thresholds beside it)."""
     target = tmp_path / "run" / "model_best.pth.tar"
     target.parent.mkdir()
     shutil.copy(digits_checkpoint, target)
@@ -92,8 +93,9 @@ def test_calibrate_fits_on_validation_and_lowers_test_nll(ckpt, capsys):
         assert row["nll_after"] <= row["nll_before"] + 1e-9
     test = result["test"]
     assert sum(r["nll_after"] for r in test) < sum(r["nll_before"] for r in test)  # held-out scans: it generalises
-    stored = load_checkpoint(ckpt)["calibration"]
+    stored = json.loads(policy_path(ckpt).read_text())["calibration"]
     assert stored["temperatures"] == result["temperatures"] and stored["split"] == "val"
+    assert result["policy_file"] == str(policy_path(ckpt)) and "calibration" not in load_checkpoint(ckpt)
 
 
 def test_early_exit_curve_files_and_fit_on_validation_only(ckpt, capsys, monkeypatch):
@@ -131,7 +133,9 @@ def test_early_exit_curve_files_and_fit_on_validation_only(ckpt, capsys, monkeyp
     fitted = r["fitted"]
     assert fitted["val"]["top1"] >= fitted["val_reference_top1"] - 1 - 1e-9  # --max-drop 1 holds where fitted
     assert fitted["test"]["speedup"] == pytest.approx(r["full_flops"] / fitted["test"]["mean_flops"])
-    assert load_checkpoint(ckpt)["early_exit"]["thresholds"] == fitted["thresholds"]
+    stored = json.loads(policy_path(ckpt).read_text())["early_exit"]
+    assert stored["thresholds"] == fitted["thresholds"] and stored["criterion"] == {"max_drop": 1.0}
+    assert stored["val"] == fitted["val"] and "early_exit" not in load_checkpoint(ckpt)
     assert (out / "curve.png").read_bytes()[:8] == PNG_SIGNATURE
     rows = list(csv.reader((out / "curve.csv").open()))
     assert len(rows) == len(r["points"]) + 1 and rows[0][:3] == ["threshold_exit1", "threshold_exit2",
@@ -281,12 +285,12 @@ def test_fitted_thresholds_keep_the_temperatures_they_were_fitted_with(ckpt, cap
     capsys.readouterr()
     assert main(["calibrate", "multi_resnet18_kd", "--resume", str(ckpt), "--json"]) == 0  # calibrated afterwards
     capsys.readouterr()
-    state = load_checkpoint(ckpt)
-    policy = deploy_run.resolve_policy(state, 4, None, None)
-    assert policy.thresholds == tuple(state["early_exit"]["thresholds"])
+    fitted = read_fitted(ckpt, load_checkpoint(ckpt))
+    policy = deploy_run.resolve_policy(fitted, 4, None, None)
+    assert policy.thresholds == tuple(fitted.get("early_exit")["thresholds"])  # calibrate kept them
     assert policy.temperatures == ()  # the fit saw uncalibrated confidences; the new calibration is not mixed in
-    given = deploy_run.resolve_policy(state, 4, [0.5], None)
-    assert given.temperatures == tuple(state["calibration"]["temperatures"])  # your own thresholds: calibrated
+    given = deploy_run.resolve_policy(fitted, 4, [0.5], None)
+    assert given.temperatures == tuple(fitted.get("calibration")["temperatures"])  # your own thresholds: calibrated
 
 
 def test_fitting_on_validation_alone_matches_early_exit_and_leaves_test_and_checkpoint_alone(ckpt, capsys, monkeypatch):

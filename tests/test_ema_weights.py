@@ -15,6 +15,7 @@ from byot.cli import main
 from byot.data.digits import load_digits
 from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.policy import ExitPolicy
+from byot.deploy.policy_file import policy_path
 from byot.engine.build import build_trained
 from byot.engine.checkpoint import load_checkpoint
 from byot.engine.resolve import resolve_config
@@ -36,7 +37,7 @@ def ema_run(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def ckpt(ema_run, tmp_path) -> Path:
-    """A private copy of the run's checkpoint (calibrate writes into it)."""
+    """A private copy of the run's checkpoint (calibrate writes its policy file beside it)."""
     target = tmp_path / "run" / "checkpoint_latest.pth.tar"
     target.parent.mkdir()
     shutil.copy(ema_run / "checkpoint_latest.pth.tar", target)
@@ -117,7 +118,7 @@ def test_predict_and_early_exit_run_the_average(ema_run, ckpt, tmp_path, capsys)
 def test_calibrate_ema_records_its_weights_and_the_raw_weights_are_warned(ckpt, tmp_path, capsys):
     result = _json(capsys, ["calibrate", ARCH, "--resume", str(ckpt), "--val-split", "0.25", "--ema", "--json"])
     assert result["weights"] == "ema"
-    assert load_checkpoint(ckpt)["calibration"]["weights"] == "ema"
+    assert json.loads(policy_path(ckpt).read_text())["calibration"]["weights"] == "ema"
     _write_scans(tmp_path / "scans", 2)
     assert main(["predict", "--resume", str(ckpt), str(tmp_path / "scans")]) == 0
     assert "temperatures (byot calibrate) were fitted on the ema weights" in capsys.readouterr().err
@@ -136,4 +137,4 @@ def test_a_checkpoint_without_an_average_is_refused(digits_checkpoint, tmp_path,
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("byot: error:")]
     assert errors == [(f"byot: error: {plain} holds no weight average (EMA): it was trained without --ema; "
                        "drop --ema to use its weights, or train with --ema DECAY")]
-    assert not out.exists() and "calibration" not in load_checkpoint(plain)
+    assert not out.exists() and not policy_path(plain).exists()

@@ -6,6 +6,8 @@ network at 16 px: seconds per epoch)."""
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +20,7 @@ import torch
 from test_reliability import ARCH, RUN, byot_train
 
 from byot.cli import main
+from byot.deploy.policy_file import policy_path
 from byot.engine.checkpoint import FORMAT, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from byot.errors import ENVIRONMENT_EXIT, ByotError
 from byot.runs.rundir import LOCK_NAME, run_lock
@@ -193,10 +196,12 @@ def test_calibration_is_stored_only_into_the_weights_it_was_fitted_on(tmp_path, 
     monkeypatch.setattr(deploy, "collect_logits", training_saves_meanwhile)
     assert main(["calibrate", ARCH, "--resume", str(ckpt), "--val-split", "0.25"]) == 2
     assert "changed while this command ran" in capsys.readouterr().err
-    assert ckpt.read_bytes() == rewritten["bytes"] and "calibration" not in load_checkpoint(ckpt)
+    assert ckpt.read_bytes() == rewritten["bytes"] and not policy_path(ckpt).exists()
     monkeypatch.setattr(deploy, "collect_logits", real)
     assert main(["calibrate", ARCH, "--resume", str(ckpt), "--val-split", "0.25", "--json"]) == 0
-    assert "calibration" in load_checkpoint(ckpt)
+    stored = json.loads(policy_path(ckpt).read_text())
+    assert "calibration" in stored and stored["checkpoint_sha256"] == hashlib.sha256(rewritten["bytes"]).hexdigest()
+    assert ckpt.read_bytes() == rewritten["bytes"]  # the checkpoint itself is only read
 
 
 def test_export_never_replaces_its_input_or_an_existing_file_without_force(tmp_path, digits_checkpoint, capsys):

@@ -13,7 +13,7 @@ from PIL import Image
 from byot.config import TrainConfig
 from byot.data.folder import IMAGE_EXTENSIONS, resize_center_crop, to_rgb, to_uint8_tensor
 from byot.deploy.cascade import EarlyExitNet
-from byot.deploy.run import resize_ratio, resolve_policy
+from byot.deploy.run import fitted_for, resize_ratio, resolve_policy
 from byot.engine.build import build_trained
 from byot.engine.runtime import resolve_device
 from byot.errors import ByotError
@@ -53,11 +53,11 @@ def read_image(path: Path, size: int, ratio: float) -> torch.Tensor:
 def predict_paths(cfg: TrainConfig, checkpoint: dict, paths: Sequence[str], thresholds: Sequence[float] | None,
                   final: str | None, use_calibration: bool = True,
                   ema: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
-    """([{"path", "class", "probability", "exit"}] per readable image, [one line per unreadable file]);
-    ``ema``: with the weight average the checkpoint holds instead of its weights."""
+    """([{"path", "class", "probability", "exit"}] per readable image, [one line per unreadable file]), through
+    the policy of --threshold or the checkpoint's policy file; ``ema``: with the weight average the checkpoint holds instead of its weights."""
     device = resolve_device(cfg.device)
     model, runtime = build_trained(cfg, checkpoint, device, ema)
-    policy = resolve_policy(checkpoint, model.num_exits, thresholds, final, use_calibration, ema)
+    policy = resolve_policy(fitted_for(cfg, checkpoint), model.num_exits, thresholds, final, use_calibration, ema)
     net = EarlyExitNet(model, policy)
     size, ratio, classes = checkpoint["image_size"], resize_ratio(cfg.dataset), checkpoint["classes"]
     files = find_images(paths)

@@ -24,6 +24,7 @@ from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.export import ExitNetwork, export
 from byot.deploy.plots import write_curve
 from byot.deploy.policy import NEVER, ExitPolicy, exit_flops, fit_thresholds, policy_stats, sweep
+from byot.deploy.policy_file import Fitted, read_fitted, store_fitted
 from byot.engine.build import (
     build_trained,
     check_checkpoint_fits,
@@ -31,7 +32,6 @@ from byot.engine.build import (
     load_data,
     weights_name,
 )
-from byot.engine.checkpoint import DIGEST, update_checkpoint
 from byot.engine.cost import exit_costs
 from byot.engine.evaluate import collect_logits
 from byot.engine.runtime import Runtime, resolve_device
@@ -68,21 +68,27 @@ def _held_out(cfg: TrainConfig, checkpoint: dict, data: DataBundle, what: str) -
     return data.val
 
 
-def _temperatures(checkpoint: dict, use_calibration: bool, n_exits: int,
+def fitted_for(cfg: TrainConfig, checkpoint: dict) -> Fitted:
+    """What calibrate and early-exit fitted for the checkpoint ``--resume`` names: its policy file, or the
+    values a byot 0.5.0 checkpoint holds inside."""
+    return read_fitted(_checkpoint_path(cfg), checkpoint)
+
+
+def _temperatures(fitted: Fitted, use_calibration: bool, n_exits: int,
                   ema: bool | None = None) -> tuple[float, ...]:
     """The calibration's temperatures, one per exit; ``ema`` given (the weights run now: True the average),
     temperatures fitted on the other weights are named in a warning."""
-    entry = checkpoint.get("calibration", {}) if use_calibration else {}
+    entry = fitted.get("calibration") if use_calibration else {}
     stored = entry.get("temperatures")
     if stored and len(stored) != n_exits:
-        raise ByotError(f"the checkpoint's calibration has {len(stored)} temperatures for {n_exits} exits")
+        raise ByotError(f"the calibration in {fitted.source} has {len(stored)} temperatures for {n_exits} exits")
     if stored and ema is not None:
         _warn_other_weights(entry, ema, "temperatures (byot calibrate)")
     return tuple(stored) if stored else ()
 
 
 def _warn_other_weights(entry: dict, ema: bool, what: str) -> None:
-    """Fitted values stored in the checkpoint were fitted on one set of weights (raw before --ema existed)."""
+    """Stored fitted values were fitted on one set of weights (raw before --ema existed)."""
     fitted_on = entry.get("weights", "raw")
     if fitted_on != weights_name(ema):
         log.warning("the stored %s were fitted on the %s weights, not on the %s ones used now; fit them again "
@@ -90,7 +96,7 @@ def _warn_other_weights(entry: dict, ema: bool, what: str) -> None:
 
 
 def _check_writable(checkpoint: dict, path: Path) -> None:
-    """Refuse, before any work, to store fitted values into a reference-script checkpoint."""
+    """Refuse, before any work, to fit values for a reference-script checkpoint."""
     if checkpoint.get("reference") is not None:
         raise ByotError(f"{path} is the reference script's checkpoint: byot does not write into it (the reference "
                         "could no longer read it); continue it into a byot run first (byot train ARCH --resume "
@@ -98,7 +104,7 @@ def _check_writable(checkpoint: dict, path: Path) -> None:
 
 
 def calibrate(cfg: TrainConfig, checkpoint: dict, ema: bool = False) -> dict[str, Any]:
-    """Fit one temperature per exit on the validation split, store it in the checkpoint, and report
+    """Fit one temperature per exit on the validation split, store them in the checkpoint's policy file, and report
     NLL and ECE before and after on the validation and the test split; ``ema``: of the weight average."""
     path = _checkpoint_path(cfg)
     _check_writable(checkpoint, path)
@@ -117,22 +123,23 @@ def calibrate(cfg: TrainConfig, checkpoint: dict, ema: bool = False) -> dict[str
     test_logits, test_targets = collect_logits(model, data.test, runtime)
     entry = {"temperatures": temperatures, "split": "val", "val_split": cfg.val_split,
              "num_images": len(val_targets), "weights": weights_name(ema), "byot_version": __version__}
-    update_checkpoint(path, {"calibration": entry}, fitted_on=checkpoint.get(DIGEST))
-    log.info("stored temperatures %s in %s", ", ".join(f"{t:.3f}" for t in temperatures), path)
-    return {"checkpoint": str(path), "weights": weights_name(ema), "temperatures": temperatures,
+    stored_in = store_fitted(path, checkpoint, "calibration", entry)
+    log.info("stored temperatures %s in %s", ", ".join(f"{t:.3f}" for t in temperatures), stored_in)
+    return {"checkpoint": str(path), "policy_file": str(stored_in), "weights": weights_name(ema),
+            "temperatures": temperatures,
             "num_val_images": len(val_targets), "num_test_images": len(test_targets),
             "val": calibration_report(val_logits, val_targets, temperatures, model.exit_stages),
             "test": calibration_report(test_logits, test_targets, temperatures, model.exit_stages)}
 
 
-def resolve_policy(checkpoint: dict, n_exits: int, thresholds: Sequence[float] | None, final: str | None,
+def resolve_policy(fitted: Fitted, n_exits: int, thresholds: Sequence[float] | None, final: str | None,
                    use_calibration: bool = True, ema: bool = False) -> ExitPolicy:
-    """--threshold (one value for every shallow exit, or one each), else the fitted policy stored in the
-    checkpoint, else none (every sample answered by the final exit); calibration from the checkpoint.
-    ``ema``: the weight average runs, so values fitted on the raw weights are named in a warning."""
-    stored = checkpoint.get("early_exit") or {}
-    use_stored = not thresholds and bool(stored.get("thresholds"))
-    temperatures = _temperatures(checkpoint, use_calibration, n_exits, None if use_stored else ema)
+    """--threshold (one value for every shallow exit, or one each), else the fitted policy ``fitted`` holds
+    (``fitted_for``: the policy file), else none (every sample answered by the final exit); calibration from
+    ``fitted``. ``ema``: the weight average runs, so values fitted on the raw weights are named in a warning."""
+    stored = {} if thresholds else fitted.get("early_exit")
+    use_stored = bool(stored.get("thresholds"))
+    temperatures = _temperatures(fitted, use_calibration, n_exits, None if use_stored else ema)
     if thresholds:
         if len(thresholds) == 1:
             thresholds = list(thresholds) * (n_exits - 1)
@@ -145,7 +152,7 @@ def resolve_policy(checkpoint: dict, n_exits: int, thresholds: Sequence[float] |
         # fitted thresholds only mean something at the temperatures they were fitted with
         chosen, fitted_with = tuple(stored["thresholds"]), tuple(stored.get("temperatures", ()))
         if len(chosen) != n_exits - 1 or len(fitted_with) not in (0, n_exits):
-            raise ByotError(f"the checkpoint's fitted policy has {len(chosen)} thresholds and {len(fitted_with)} "
+            raise ByotError(f"the fitted policy in {fitted.source} has {len(chosen)} thresholds and {len(fitted_with)} "
                             f"temperatures for a model of {n_exits} exits; was it edited by hand? Fit it again "
                             "with byot early-exit")
         if fitted_with != temperatures:
@@ -163,7 +170,7 @@ def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: 
                thresholds: Sequence[float] | None = None, use_calibration: bool = True,
                timing: bool = False, ema: bool = False) -> dict[str, Any]:
     """The test split's accuracy-versus-FLOPs curve (JSON, CSV, PNG in ``out_dir``); with ``budget_flops``
-    or ``max_drop`` thresholds fitted on the validation split, stored in the checkpoint, scored on test.
+    or ``max_drop`` thresholds fitted on the validation split, stored in the policy file, scored on test.
     ``ema``: of the weight average the checkpoint holds instead of its weights."""
     path = _checkpoint_path(cfg)
     if budget_flops is not None or max_drop is not None:
@@ -174,7 +181,8 @@ def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: 
     model, runtime = build_trained(cfg, checkpoint, device, ema)
     _need_exits(model)
     costs = exit_costs(model, checkpoint["image_size"])
-    temperatures = _temperatures(checkpoint, use_calibration, model.num_exits, ema)
+    fitted_values = fitted_for(cfg, checkpoint)
+    temperatures = _temperatures(fitted_values, use_calibration, model.num_exits, ema)
     test_logits, test_targets = collect_logits(model, data.test, runtime)
     result: dict[str, Any] = {
         "split": "test", "num_images": len(test_targets), "weights": weights_name(ema), "final": final,
@@ -193,14 +201,16 @@ def early_exit(cfg: TrainConfig, checkpoint: dict, out_dir: Path | None, final: 
         criterion = {"budget_flops": budget_flops} if budget_flops is not None else {"max_drop": max_drop}
         result["fitted"] = {**fitted, "criterion": criterion, "fitted_on": "val",
                             "test": _scored(test_logits, test_targets, policy, costs)}
-        entry = {**policy.to_dict(), "criterion": criterion, "fitted_on": "val", "weights": weights_name(ema)}
-        update_checkpoint(path, {"early_exit": entry}, fitted_on=checkpoint.get(DIGEST))
-        log.info("stored the fitted thresholds in %s (byot predict uses them)", path)
+        entry = {**policy.to_dict(), "criterion": criterion, "fitted_on": "val", "weights": weights_name(ema),
+                 "num_images": len(val_targets), "val_split": cfg.val_split, "val": fitted["val"],
+                 "val_reference_top1": fitted["val_reference_top1"], "byot_version": __version__}
+        result["policy_file"] = str(store_fitted(path, checkpoint, "early_exit", entry))
+        log.info("stored the fitted thresholds in %s (byot predict uses them)", result["policy_file"])
     elif thresholds:
-        policy = resolve_policy(checkpoint, model.num_exits, thresholds, final, use_calibration, ema)
+        policy = resolve_policy(fitted_values, model.num_exits, thresholds, final, use_calibration, ema)
         result["given"] = {**policy.to_dict(), "test": _scored(test_logits, test_targets, policy, costs)}
     if timing:
-        policy = policy or resolve_policy(checkpoint, model.num_exits, None, final, use_calibration, ema)
+        policy = policy or resolve_policy(fitted_values, model.num_exits, None, final, use_calibration, ema)
         result["timing"] = time_policy(model, policy, data, runtime)
     out_dir = out_dir or path.parent / "early_exit"
     result["files"] = [str(p) for p in write_curve(result, out_dir)]
@@ -306,7 +316,7 @@ def export_checkpoint(cfg: TrainConfig, checkpoint: dict, exit_arg: str, fmt: st
     mean, std = checkpoint_normalization(checkpoint, NORMALIZATION[cfg.dataset])
     net = ExitNetwork(model, exits, mean, std)
     position = [model.exit_stages.index(k) for k in net.exit_numbers]
-    temperatures = _temperatures(checkpoint, True, model.num_exits, ema)
+    temperatures = _temperatures(fitted_for(cfg, checkpoint), True, model.num_exits, ema)
     size = checkpoint["image_size"]
     metadata = {"byot_version": __version__, "arch": cfg.arch, "weights": weights_name(ema),
                 "exits": net.exit_numbers,

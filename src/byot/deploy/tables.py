@@ -9,7 +9,7 @@ MFLOPS = 1e6
 
 def format_calibration(r: dict[str, Any]) -> str:
     lines = [(f"temperatures fitted on {r['num_val_images']} validation images{_weights(r)}, stored in "
-              f"{r['checkpoint']}"),
+              f"{r['policy_file']}"),
              (f"{'exit':<6}{'T':>7}  {'split':<5}{'NLL before':>12}{'NLL after':>11}{'ECE% before':>13}"
              f"{'ECE% after':>12}")]
     for split in ("val", "test"):
@@ -54,6 +54,7 @@ def format_early_exit(r: dict[str, Any]) -> str:
         criterion = ", ".join(f"{k} {v:g}" for k, v in f["criterion"].items())
         lines.append(_policy_line(f"fitted on validation ({criterion}; val top-1 {f['val']['top1']:.2f})", f,
                                   [e["exit"] for e in r["exits"]]))
+        lines.append(f"stored in {r['policy_file']} (byot predict uses them)")
     if "given" in r:
         lines.append(_policy_line("given", r["given"], [e["exit"] for e in r["exits"]]))
     for t in r.get("timing", []):

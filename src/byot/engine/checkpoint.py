@@ -8,7 +8,8 @@ import io
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -204,6 +205,8 @@ OPTIONAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "normalization": ("[mean, std] of 3 numbers each",
                       lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(
                           isinstance(x, (list, tuple)) and len(x) == 3 and all(_is_number(t) for t in x) for x in v)),
+    # fitted after training: byot 0.5.0 wrote these two into the checkpoint; byot now writes them to the policy
+    # file beside it (byot.deploy.policy_file), which checks them with the same rules
     "calibration": ("a mapping whose 'temperatures' are positive numbers",
                     lambda v: isinstance(v, dict) and _positive_numbers(v.get("temperatures"))),
     "early_exit": ("a mapping of 'thresholds' (numbers), 'temperatures' (positive numbers) and 'final'",
@@ -234,25 +237,33 @@ def checkpoint_problem(state: dict[str, Any]) -> str | None:
     return None
 
 
-def update_checkpoint(path: str | Path, entries: dict[str, Any], fitted_on: str | None = None) -> None:
-    """Add or replace top-level ``entries`` (a calibration, a fitted exit policy) in the checkpoint at
-    ``path``, atomically: a crash leaves the old file.
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at ``path``, as ``load_checkpoint`` records it in ``state[DIGEST]``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):  # 1 MiB at a time: checkpoints can be large
+            digest.update(block)
+    return digest.hexdigest()
 
-    ``fitted_on``: the SHA-256 of the file the entries were computed from (``state[DIGEST]`` of
-    ``load_checkpoint``). If the file has been rewritten since (a training run saving its next epoch),
-    the entries belong to other weights and are refused; the check and the write hold the folder's
-    write lock, so no checkpoint write can slip between them.
+
+@contextmanager
+def unchanged_checkpoint(path: Path, fitted_on: str | None) -> Iterator[None]:
+    """Hold the write lock of ``path``'s folder while the checkpoint there is still the file of SHA-256
+    ``fitted_on`` (``state[DIGEST]`` of ``load_checkpoint``): what was computed from it can be stored beside it.
+
+    If the file has been rewritten since (a training run saving its next epoch), the values belong to other
+    weights and are refused; every checkpoint write takes the same lock, so none can slip between the check
+    and the caller's write.
     """
-    path = Path(path).expanduser()
     with write_lock(path.parent):
-        state = load_checkpoint(path)
-        if state.get("reference") is not None:  # the commands refuse earlier (deploy.run._check_writable)
-            raise ByotError(f"{path} is the reference script's checkpoint: byot does not write into it")
-        if fitted_on is not None and state[DIGEST] != fitted_on:
+        try:
+            now = file_sha256(path)
+        except OSError as e:
+            raise ByotError(f"cannot read checkpoint {path}: {describe_os_error(e)}") from e
+        if fitted_on is not None and now != fitted_on:
             raise ByotError(f"{path} changed while this command ran (was it rewritten by a training run?): "
-                            f"what was fitted on the weights read before is not stored; run the command again")
-        state.update(entries)
-        _save_locked(state, path)
+                            "what was fitted on the weights read before is not stored; run the command again")
+        yield
 
 
 def _save_locked(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:
