@@ -3,6 +3,7 @@ balanced class weights; the compile fallback."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -122,3 +123,80 @@ def test_the_skip_only_scaler_keeps_its_scale_after_skipped_steps():
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # no update was applied
     outcome = train_step(model, [(images, labels)], optimizer, byot.SelfDistillLoss(), rt, scaler, model.exit_stages)
     assert not bool(outcome.bad) and any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def previous_objective(output, labels, cfg, parts: list[int], class_weights=None) -> torch.Tensor:
+    """byot train's objective of one step before its loss terms became means, written out: label and KD terms
+    are means over the step's images (label terms class-weighted means); the ICCV hint a sum over the step's
+    images and channels; the journal's distance the norm of each accumulated part's (B, C) difference, scaled
+    by the square root of the part's share of the step's images (its code's norm, for one part)."""
+    logits, features = output.logits, output.features
+    n, total = len(logits), len(labels)
+    teacher = torch.softmax(logits[-1].detach() / cfg.temperature, dim=1)
+    kd_weight = cfg.alpha * cfg.temperature**2 if cfg.kd_t2 else cfg.alpha
+    objective = torch.zeros(())
+    for i, z in enumerate(logits, start=1):
+        weight = cfg.deepest_ce if i == n and cfg.deepest_ce is not None else 1 - cfg.alpha
+        objective = objective + weight * nn.functional.cross_entropy(z, labels, weight=class_weights)
+    skip = n - 1 if cfg.feature_skip == "second-deepest" else None
+    bounds = torch.tensor([0, *parts]).cumsum(0).tolist()
+    for i in range(1, n):
+        z, f, ft = logits[i - 1], features[i - 1], features[-1].detach()
+        objective = objective - kd_weight * (teacher * torch.log_softmax(z / cfg.temperature, dim=1)).sum(1).mean()
+        if cfg.feature_loss == "hint":
+            objective = objective + cfg.beta * ((f - ft) ** 2 * ((f > 0) | (ft > 0))).sum()
+        elif i != skip:
+            for lo, hi in itertools.pairwise(bounds):
+                share = (hi - lo) / total
+                objective = objective + cfg.beta * share**0.5 * torch.linalg.vector_norm(f[lo:hi] - ft[lo:hi])
+    return objective
+
+
+@pytest.mark.parametrize("recipe,step,parts", [
+    ("iccv", {"batch_size": 8}, [8]),
+    ("iccv", {"batch_size": 4, "accum_steps": 2}, [4, 4]),
+    ("iccv", {"batch_size": 4, "accum_steps": 2, "class_weights": "balanced"}, [4, 4]),
+    ("iccv", {"batch_size": 8}, [5]),  # an epoch's last step, smaller than a full one
+    ("iccv", {"batch_size": 8}, [11]),  # ... or larger: a last batch under half a batch joins the one before
+    ("iccv", {"batch_size": 4, "accum_steps": 2}, [4, 2]),
+    ("journal", {"batch_size": 8}, [8]),
+    ("journal", {"batch_size": 4, "accum_steps": 2}, [4, 4]),
+    ("journal", {"batch_size": 8}, [6]),
+])
+def test_a_training_step_has_the_gradients_of_the_previous_objective(recipe, step, parts):
+    # --beta keeps its meaning (the weight of the hint summed over a step's images, the references' scale):
+    # the engine converts it for the loss's per-image terms, and every step's gradients stay what they were
+    from byot.config import build_config
+    from byot.data import DataBundle
+    from byot.engine.build import build_loss, build_model
+
+    cfg = build_config({}, {"recipe": recipe, "dataset": "digits", "image_size": 16, "width": 4, **step,
+                            **({"beta": 1e-2} if recipe == "iccv" else {})})  # a hint large enough to matter
+    counts = [5, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    data = DataBundle(None, None, [str(i) for i in range(10)], 16, (0, 0, 0), (1, 1, 1), counts)
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        net = build_model(cfg, 10, 16).train()
+        for m in net.modules():  # running statistics: a split batch has the whole batch's outputs
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return net
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (sum(parts), 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (sum(parts),), generator=g)
+    bounds = torch.tensor([0, *parts]).cumsum(0).tolist()
+    group = [(images[lo:hi], labels[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+    engine = model()
+    loss_fn = build_loss(cfg, data, CPU, engine.exit_stages)
+    optimizer = torch.optim.SGD(engine.parameters(), lr=0.0)
+    train_step(engine, group, optimizer, loss_fn, runtime(), torch.amp.GradScaler("cpu", enabled=False),
+               engine.exit_stages, global_total=sum(parts), full_total=cfg.batch_size * cfg.accum_steps)
+
+    reference = model()
+    weights = balanced_class_weights(counts, CPU) if cfg.class_weights == "balanced" else None
+    previous_objective(reference(runtime().inputs(images)), labels, cfg, parts, weights).backward()
+    for (name, p), q in zip(engine.named_parameters(), reference.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        assert (p.grad - q.grad).abs().max() <= 1e-4 * q.grad.abs().max() + 1e-8, name
