@@ -310,11 +310,12 @@ def _add_policy(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("early-exit policy")
     g.add_argument("--threshold", type=float, nargs="+", metavar="T",
                    help="leave at a shallow exit when its (calibrated) max softmax >= T: one value for every "
-                        "shallow exit or one each; default: the thresholds early-exit fitted, else none")
+                        "shallow exit or one each; default: the thresholds in the checkpoint's policy file "
+                        "(fitted by early-exit), else none")
     g.add_argument("--final", choices=("deepest", "ensemble"),
                    help="who answers what no shallow exit takes: the deepest exit (default) or the mean of all")
     g.add_argument("--no-calibration", dest="calibration", action="store_false",
-                   help="ignore the temperatures byot calibrate stored in the checkpoint")
+                   help="ignore the temperatures in the checkpoint's policy file (fitted by byot calibrate)")
 
 
 
@@ -327,13 +328,15 @@ def _add_ema(p: argparse.ArgumentParser) -> None:
 
 
 def _add_deployment(sub: argparse._SubParsersAction, arch_help: str) -> None:
-    cal = sub.add_parser("calibrate", help="fit one temperature per exit on the validation split",
+    cal = sub.add_parser("calibrate", help="fit one temperature per exit on the validation split (stored in the "
+                         "policy file CHECKPOINT.policy.json)",
                          argument_default=argparse.SUPPRESS)
     cal.add_argument("arch", help=arch_help)
     _add_model_and_data(cal)
     _add_ema(cal)
     cal.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ee = sub.add_parser("early-exit", help="accuracy vs FLOPs of confidence-based early exit; fit thresholds",
+    ee = sub.add_parser("early-exit", help="accuracy vs FLOPs of confidence-based early exit; fit thresholds "
+                        "(stored in the policy file CHECKPOINT.policy.json)",
                         argument_default=argparse.SUPPRESS)
     ee.add_argument("arch", help=arch_help)
     _add_model_and_data(ee)
