@@ -19,75 +19,223 @@ from byot.models.registry import model_spec, parse_exits
 from byot.models.resnet import STEMS
 from byot.values import convert
 
+# --- each option, defined once --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option may take: ``low`` to ``high``, each end included unless open.
+    NaN and infinity never pass, whatever the bounds."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.high != math.inf:
+            return (f"lie in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low == 0 and self.low_open:
+            return "be positive"
+        return f"be {'>' if self.low_open else '>='} {self.low:g}"
+
+
+# The sections of the options, in the order --help and docs/OPTIONS.md show them, with their titles.
+SECTIONS = {
+    "data": "data",
+    "model": "model (taken from the checkpoint with --resume; must agree if given)",
+    "run": "run",
+    "optimisation": "optimisation",
+    "augmentation": "augmentation (training batches, per image, on the training device)",
+    "loss": "self-distillation",
+    "output": "output",
+}
+DATASET_NAMES = ("cifar100", "cifar10", "imagefolder", "digits")  # byot.data.NORMALIZATION has one entry each
+
+
+@dataclass(frozen=True)
+class Option:
+    """What the command line, the checks and the docs know of one option: its section, help text (``{default}``
+    stands for the default), flags (default ``--name``), range or choices, and argparse extras."""
+
+    section: str
+    help: str
+    flags: tuple[str, ...] = ()
+    range: Range | None = None
+    choices: tuple[str, ...] = ()
+    extra: tuple[tuple[str, Any], ...] = ()  # argparse keywords: action, metavar, nargs, const, parse (a name)
+
+
+def opt(default: Any, section: str, help: str, *, flags: tuple[str, ...] = (), range: Range | None = None,
+        choices: tuple[str, ...] = (), **extra: Any) -> Any:
+    """A TrainConfig field with its ``Option`` (a mutable default is given as a callable)."""
+    meta = {"option": Option(section, help, flags, range, choices, tuple(extra.items()))}
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     # model
-    arch: str = "multi_resnet18_kd"  # a name from byot.list_models()
-    width: int | None = None  # the family's base channels (ResNets: stages use width x (1, 2, 4, 8)); None: its own
-    stem: str | None = None  # ResNets, MobileNetV2: "cifar", "imagenet" or "auto" (from the image size); None: auto
-    model_options: dict = dataclasses.field(default_factory=dict)  # the family's other options (depth, widen, ...)
-    exits: str | None = None  # stages that get a shallow exit, e.g. "1,2,3"; None: the family's natural ones
-    distill: bool = True  # False (--no-distill): plain backbone, cross-entropy only: the baseline
-    head: str = "bottleneck"  # shallow classifiers: "bottleneck" (ICCV 2019 paper) or "attention" (TPAMI 2021)
-    pretrained: str | None = None  # "imagenet" (the library's own weights) or a local file; exits stay fresh
+    arch: str = opt("multi_resnet18_kd", "model", "a name from byot.list_models(), timm/NAME or tv/NAME",
+                    flags=("arch",))  # the positional argument
+    width: int | None = opt(None, "model", "base channels of the family (ResNets: 64, WRN/PyramidNet: 16, VGG/"
+                            "ResNeXt: 64; 16 runs a ResNet well on a CPU)",
+                            # The widest published ResNet (BiT's R152x4) has base width 256 (64 x 4); 1024 leaves
+                            # 4x headroom and still refuses a typo such as 100000 (petabytes of weights)
+                            range=Range(1, 1024))
+    stem: str | None = opt(None, "model", "ResNets, MobileNetV2: cifar (stride 1), imagenet (7x7/2 + max-pool, or "
+                           "stride 2), auto (default): imagenet from 64 px up", choices=STEMS)
+    model_options: dict = opt(dict,  # noqa: RUF009 (a Field)
+                              "model", "an option of the model's family, e.g. depth=28 widen=10 for the "
+                              "WideResNets (the model table in the README lists each family's); repeat for several",
+                              flags=("--model-option",), parse="model_option", action="append", metavar="KEY=VALUE")
+    exits: str | None = opt(None, "model", "stages that get a shallow exit, e.g. 1,2,3 (default: the family's "
+                            "natural stage boundaries); the deepest exit is always there", metavar="K,K,...")
+    distill: bool = opt(True, "model", "the plain backbone trained with cross-entropy only: the baseline",
+                        flags=("--no-distill",), action="store_false")
+    head: str = opt("bottleneck", "model", "shallow classifiers: bottleneck (default; the ICCV 2019 paper's) or "
+                    "attention (the TPAMI 2021 journal version's: a sigmoid attention mask, then depthwise-separable "
+                    "conv blocks)", choices=HEADS)
+    pretrained: str | None = opt(None, "model", "start the backbone from a local weights file PATH (a torch state "
+                                 "dict or .safetensors of the torchvision ResNet, timm/ or tv/ model), or without PATH "
+                                 "from the library's own ImageNet weights (needs them cached or internet); the exits "
+                                 "and classifier start fresh", nargs="?", const="imagenet", metavar="PATH")
     # data
-    dataset: str = "cifar100"  # cifar100 | cifar10 | imagefolder | digits
-    data_dir: str | None = None  # folder holding the data set
-    download: bool = False  # fetch CIFAR with torchvision's downloader (needs internet)
-    image_size: int | None = None  # px; None: 32 for CIFAR, 224 for image folders
-    val_split: float = 0.0  # share of each training class held out to select checkpoints; 0: select on test
-    final_test: bool = True  # with val_split: evaluate model_best on the test split once, at the end (tune's trials: off)
-    workers: int = 4  # DataLoader processes decoding image-folder files (CIFAR lives in memory)
-    skip_corrupt: bool = False  # leave unreadable image-folder files out (listed) instead of stopping
-    class_weights: str = "none"  # "balanced": label terms weighted by N / (K * n_class), for imbalanced data
+    dataset: str = opt("cifar100", "data", "data set (default {default}; digits: the demo's)", choices=DATASET_NAMES)
+    data_dir: str | None = opt(None, "data", "folder with cifar-100-python/, cifar-10-batches-py/ or train/ + test/")
+    download: bool = opt(False, "data", "download CIFAR with torchvision (needs internet)", action="store_true")
+    image_size: int | None = opt(None, "data", "px; default 32 for CIFAR, 224 for image folders",
+                                 range=Range(8, 4096))  # below 8 the stages' strides leave no pixel
+    val_split: float = opt(0.0, "data", "hold out this share of every training class to select checkpoints; the "
+                           "test split is then evaluated once, at the end (default 0: select on test, as the "
+                           "reference)", metavar="FRACTION",
+                           range=Range(0, 1, high_open=True))  # 1 would leave nothing to train on
+    final_test: bool = opt(True, "data", "with --val-split: do not evaluate the test split at the end (byot tune's "
+                           "trials; evaluate model_best later with byot test)", flags=("--no-final-test",),
+                           action="store_false")
+    workers: int = opt(4, "data", "image-folder decoding processes (default {default})",
+                       range=Range(0, 256))  # more than any machine's cores is a typo
+    skip_corrupt: bool = opt(False, "data", "leave unreadable image files out (counted in the log) instead of "
+                             "stopping", action="store_true")
+    class_weights: str = opt("none", "optimisation", "balanced: label terms weighted by N / (K * n_class) for "
+                             "imbalanced classes", choices=("none", "balanced"))
     # augmentation of the training batches, per image, on the training device (byot.data.augment)
-    augment: str = "none"  # none | autoaugment | randaugment | trivialaugment (CIFAR policy at 32 px, else ImageNet)
-    cutout: int = 0  # side in px of one square hole per image (0: none)
-    mixup: float = 0.0  # Beta(a, a) of each image's mixup ratio (0: off)
-    cutmix: float = 0.0  # Beta(a, a) of each image's CutMix ratio (0: off; with mixup each image picks one)
-    label_smoothing: float = 0.0  # the label terms' targets: 1 - eps on the label, eps spread over all classes
-    pad_fill: int = 0  # grey level of the crop's padding and of what geometric operations bring in
+    augment: str = opt("none", "augmentation", "none (default: crop and flip only), autoaugment (the CIFAR-10 "
+                       "policy at 32 px, the ImageNet one on image folders), randaugment (2 ops, magnitude 9), "
+                       "trivialaugment", choices=("none", "autoaugment", "randaugment", "trivialaugment"))
+    cutout: int = opt(0, "augmentation", "one square hole of PX px per image (default 0: none)", metavar="PX",
+                      range=Range(0, 4096))
+    mixup: float = opt(0.0, "augmentation", "mix each image with another, ratio ~ Beta(ALPHA, ALPHA) (default 0: "
+                       "off)", metavar="ALPHA",
+                       range=Range(0, 1000))  # beyond a few hundred every ratio is 0.5; 1e308 made numpy draw 0
+    cutmix: float = opt(0.0, "augmentation", "paste a box of another image, area ~ Beta(ALPHA, ALPHA) (default 0: "
+                        "off; with --mixup each image picks one of the two)", metavar="ALPHA", range=Range(0, 1000))
+    label_smoothing: float = opt(0.0, "augmentation", "label terms' targets smoothed by EPS (default 0)",
+                                 metavar="EPS", range=Range(0, 1, high_open=True))
+    pad_fill: int = opt(0, "augmentation", "grey level of the crop's padding and of what rotations, shears and "
+                        "translations bring in (default 0; the journal recipe's 128)", metavar="0-255",
+                        range=Range(0, 255))
     # optimisation
-    epochs: int = 200
-    batch_size: int = 128  # images per step: the global batch, split over the processes under torchrun
-    lr: float = 0.1  # initial learning rate
-    optimizer: str = "sgd"  # "sgd" (the reference's) or "adamw" (no weight decay on norms, biases, tokens)
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # SGD: L2 on every parameter, as the reference; AdamW: decoupled, weights only
-    backbone_lr_scale: float = 1.0  # the stem's and stages' learning rate relative to the heads' (fine-tuning)
-    schedule: str = "step"  # "step": x0.1 at 75/130/180 of 200 epochs, scaled; "journal": /10 at E/3, 2E/3, E-10; "cosine"
-    warmup_epochs: int = 0  # epochs of linearly rising learning rate before the schedule starts
-    accum_steps: int = 1  # batches whose gradients add up before one optimizer step (effective batch x N)
-    grad_checkpoint: bool = False  # recompute each stage's activations in backward: less memory, ~30% slower
-    skip_nonfinite: int = 0  # optimizer steps with a NaN/inf loss to skip before stopping (0: stop at the first)
+    epochs: int = opt(200, "optimisation", "epochs (default {default})", flags=("--epoch", "--epochs"),
+                      range=Range(1, 100_000))
+    batch_size: int = opt(128, "run", "images per step (default {default}); under torchrun the global batch, split "
+                          "over the processes, so a recipe means the same on 1 or N of them",
+                          range=Range(1, 65_536))  # the largest published ImageNet batches are 64k
+    lr: float = opt(0.1, "optimisation", "initial learning rate (default {default})", range=Range(0, low_open=True))
+    optimizer: str = opt("sgd", "optimisation", "sgd (default, the reference's) or adamw (decoupled weight decay, "
+                         "none on norms, biases and tokens; the usual choice for fine-tuning transformers)",
+                         choices=("sgd", "adamw"))
+    momentum: float = opt(0.9, "optimisation", "SGD momentum (default {default})",
+                          # at 1 no gradient is ever forgotten and the step grows unbounded
+                          range=Range(0, 1, high_open=True))
+    weight_decay: float = opt(5e-4, "optimisation", "weight decay (default {default}; SGD: L2 on every parameter, as "
+                              "the reference)", range=Range(0))
+    backbone_lr_scale: float = opt(1.0, "optimisation", "learning rate of the stem and stages relative to the heads' "
+                                   "(default 1; e.g. 0.1 when fine-tuning a pretrained backbone)", metavar="FACTOR",
+                                   range=Range(0))  # 0 freezes the backbone's weights (BatchNorm statistics move)
+    schedule: str = opt("step", "optimisation", "step (default): lr x0.1 at 75/130/180 of 200 epochs, scaled; "
+                        "journal: lr /10 at E // 3, 2E // 3 and E - 10 (the journal code's); cosine",
+                        choices=("step", "journal", "cosine"))
+    warmup_epochs: int = opt(0, "optimisation", "epochs of linearly rising learning rate before the schedule "
+                             "(default 0)", metavar="N", range=Range(0, 100_000))
+    accum_steps: int = opt(1, "optimisation", "batches per optimizer step (effective batch = N x batch)",
+                           range=Range(1, 1024))
+    grad_checkpoint: bool = opt(False, "optimisation", "recompute each stage's activations in backward: less memory, "
+                                "more time", action="store_true")
+    skip_nonfinite: int = opt(0, "optimisation", "skip the update of up to N steps whose loss is NaN or infinite "
+                              "(default 0: stop at the first, keeping the last good checkpoint)", metavar="N",
+                              range=Range(0))
     # speed (none of these changes what is learned beyond rounding)
-    amp: str = "auto"  # mixed precision: auto | bf16 | fp16 | off (auto: bf16 where the hardware runs it natively)
-    channels_last: bool = True  # NHWC memory format: faster convolutions on oneDNN CPUs and tensor-core GPUs
-    compile: bool = False  # torch.compile the model (falls back to eager with a warning)
-    sync_bn: bool = False  # under torchrun: BatchNorm statistics of the global batch, not each process's part
+    amp: str = opt("auto", "run", "mixed precision (default auto: bf16 on GPUs and CPUs that run it natively, fp16 "
+                   "on older GPUs, else off)", choices=("auto", "bf16", "fp16", "off"))  # byot.engine.runtime
+    channels_last: bool = opt(True, "run", "keep NCHW memory format (channels-last is faster on oneDNN CPUs and "
+                              "tensor-core GPUs)", flags=("--no-channels-last",), action="store_false")
+    compile: bool = opt(False, "run", "torch.compile the model (eager if it fails)", action="store_true")
+    sync_bn: bool = opt(False, "run", "under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), "
+                        "not per process", action="store_true")
     # self-distillation loss
-    recipe: str = "iccv"  # "iccv": these defaults (ICCV 2019); "journal": the TPAMI code's (JOURNAL_RECIPE)
-    temperature: float = 3.0  # softens the teacher; the KD term is scaled by T**2 (unless kd_t2 is off)
-    alpha: float = 0.1  # KD weight; the shallow exits' labels get (1 - alpha)
-    deepest_ce: float | None = None  # the deepest exit's label weight; None: 1 - alpha, as the shallow exits'
-    kd_t2: bool = True  # scale the KD term by T**2 (ICCV); the journal code does not
-    beta: float = 1e-6  # feature-loss weight (--feature-weight; the hint is a sum over batch and channels, hence tiny)
-    feature_loss: str = "hint"  # "hint": masked squared distance (ICCV); "adapted": L2 distance of a learned
-    # linear adaptation of each shallow exit's feature to the deepest's (the journal's)
-    feature_skip: str = "none"  # exits without a feature term: "none", or "second-deepest" (the journal code's)
-    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated per exit (0: off)
+    recipe: str = opt("iccv", "loss", "iccv (default: the ICCV 2019 paper's loss and 200-epoch schedule) or journal "
+                      "(the TPAMI 2021 code's: attention exits, AutoAugment + Cutout, CE 1 / 0.7, KD 0.3 without T^2, "
+                      "adapted feature distance 0.03, 250 epochs; README, 'The loss'); options given beside it win",
+                      choices=("iccv", "journal"))
+    temperature: float = opt(3.0, "loss", "softens the teacher (default {default})",
+                             range=Range(0, low_open=True))  # the KD term is scaled by T**2 unless kd_t2 is off
+    alpha: float = opt(0.1, "loss", "KD weight; the shallow exits' labels get 1 - alpha (default {default})",
+                       range=Range(0, 1))
+    deepest_ce: float | None = opt(None, "loss", "the deepest exit's label weight (default: 1 - alpha, as the shallow "
+                                   "exits'; journal: 1)", metavar="WEIGHT", range=Range(0))
+    kd_t2: bool = opt(True, "loss", "scale the KD term by T^2 (default; --no-kd-t2: the journal code does not)",
+                      action="boolean_optional")
+    beta: float = opt(1e-6, "loss", "weight of the feature term (default {default}, for the hint; journal: 0.03)",
+                      flags=("--beta", "--feature-weight"), range=Range(0))  # the hint sums batch and channels
+    feature_loss: str = opt("hint", "model", "the feature term: hint (default: masked squared distance of the pooled "
+                            "features, ICCV) or adapted (L2 distance of a learned linear adaptation of each shallow "
+                            "feature to the deepest's, journal)", choices=("hint", "adapted"))
+    feature_skip: str = opt("none", "model", "exits without a feature term: none (default) or second-deepest (the "
+                            "journal code's, whose comment says it meant the shallowest)",
+                            choices=("none", "second-deepest"))
+    ema: float = opt(0.0, "loss", "keep an exponential moving average of the weights (e.g. 0.999 per step), "
+                     "evaluated per exit each epoch and saved beside the weights (default 0: off)", metavar="DECAY",
+                     range=Range(0, 1, high_open=True))
     # run
-    seed: int = 0
-    device: str | None = None  # None: cuda when available, else cpu
-    save_folder: str = "save_checkpoints"  # run directory = save_folder / arch
-    resume: str | None = None  # checkpoint to continue from
-    print_freq: int = 10  # steps between log lines within an epoch
-    progress: bool = True  # progress bar (only when stderr is a terminal)
+    seed: int = opt(0, "run", "seeds weights, order and augmentation (default {default})",
+                    # numpy's bound; it also keeps the data order's generator seed (seed * 1_000_003 + epoch, see
+                    # byot.data.batches) inside torch's 64 bits, which a seed near 2**63 would overflow
+                    range=Range(0, 2**32 - 1))
+    device: str | None = opt(None, "run", "cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    save_folder: str = opt("save_checkpoints", "run", "run directory = SAVE_FOLDER/ARCH (default {default})")
+    resume: str | None = opt(None, "run", "checkpoint to continue from (train) or to evaluate (test); 'auto': the "
+                             "newest readable checkpoint of the run directory (latest, else previous), or a new run")
+    print_freq: int = opt(10, "output", "steps between log lines (default {default})", range=Range(1))
+    progress: bool = opt(True, "output", "no progress bar", flags=("--no-progress",), action="store_false")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.save_folder) / self.arch
+
+
+def options() -> dict[str, tuple[dataclasses.Field, Option]]:
+    """Every option with its definition, in TrainConfig's order."""
+    return {f.name: (f, f.metadata["option"]) for f in fields(TrainConfig)}
+
+
+def default_of(field: dataclasses.Field) -> Any:
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+# The tables other modules read, derived from the definitions above: every numeric option's range (bench
+# checks its own flags of the same name with check_range) and every named option's choices.
+RANGES: dict[str, Range] = {name: o.range for name, (_, o) in options().items() if o.range is not None}
+CHOICES: dict[str, tuple[str, ...]] = {name: o.choices for name, (_, o) in options().items() if o.choices}
 
 
 # Options that fix the weights' shapes: a checkpoint's values win, and a different value is an error.
@@ -276,67 +424,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric option may take: ``low`` to ``high``, each end included unless open.
-    NaN and infinity never pass, whatever the bounds."""
-
-    low: float
-    high: float = math.inf
-    low_open: bool = False
-    high_open: bool = False
-
-    def holds(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def describe(self) -> str:
-        if self.high != math.inf:
-            return (f"lie in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
-                    f"{')' if self.high_open else ']'}")
-        if self.low == 0 and self.low_open:
-            return "be positive"
-        return f"be {'>' if self.low_open else '>='} {self.low:g}"
-
-
-# Every numeric option's range, in one table: build_config checks a whole config with it, and other
-# commands (byot bench) check their own flags of the same name with check_range.
-RANGES: dict[str, Range] = {
-    # The widest published ResNet (BiT's R152x4) has base width 256 (64 x 4); 1024 leaves 4x headroom and
-    # still refuses a typo such as 100000, whose last stage alone would need petabytes of weights.
-    "width": Range(1, 1024),
-    "image_size": Range(8, 4096),  # px; below 8 the stages' strides leave no pixel; 4096 is beyond any classifier
-    "val_split": Range(0, 1, high_open=True),  # share of each class; 1 would leave nothing to train on
-    "workers": Range(0, 256),  # decoding processes: more than any machine's cores is a typo
-    "epochs": Range(1, 100_000),
-    "batch_size": Range(1, 65_536),  # the largest published ImageNet batches are 64k
-    "lr": Range(0, low_open=True),
-    "momentum": Range(0, 1, high_open=True),  # at 1 no gradient is ever forgotten and the step grows unbounded
-    "weight_decay": Range(0),
-    "backbone_lr_scale": Range(0),  # 0 freezes the backbone's weights (its BatchNorm statistics still move)
-    "warmup_epochs": Range(0, 100_000),
-    "accum_steps": Range(1, 1024),
-    "skip_nonfinite": Range(0),
-    "temperature": Range(0, low_open=True),
-    "alpha": Range(0, 1),  # labels get 1 - alpha
-    "beta": Range(0),
-    "deepest_ce": Range(0),
-    "cutout": Range(0, 4096),
-    "mixup": Range(0, 1000),  # Beta(a, a): beyond a few hundred every ratio is 0.5; 1e308 made numpy draw 0
-    "cutmix": Range(0, 1000),
-    "label_smoothing": Range(0, 1, high_open=True),
-    "pad_fill": Range(0, 255),
-    "ema": Range(0, 1, high_open=True),
-    # numpy's bound; it also keeps the data order's generator seed (seed * 1_000_003 + epoch, see
-    # byot.data.batches) inside torch's 64 bits, which a seed near 2**63 would overflow
-    "seed": Range(0, 2**32 - 1),
-    "print_freq": Range(1),
-}
-
-
 def check_range(name: str, value: float | None) -> None:
     """Raise a ByotError naming the flag (``--batch-size``) when ``value`` lies outside ``RANGES[name]``;
     None (an option left to its data set's default) passes."""
@@ -346,22 +433,6 @@ def check_range(name: str, value: float | None) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ByotError(f"{flag} must be a finite number, not {value}")
     raise ByotError(f"{flag} must {RANGES[name].describe()}, not {value!r}")
-
-
-# Every named option's choices, in one table: the flags' choices, the config's validation and the schedule
-# (byot.engine.train) all read it.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "schedule": ("step", "journal", "cosine"),
-    "recipe": ("iccv", "journal"),
-    "augment": ("none", "autoaugment", "randaugment", "trivialaugment"),
-    "feature_loss": ("hint", "adapted"),
-    "feature_skip": ("none", "second-deepest"),
-    "optimizer": ("sgd", "adamw"),
-    "head": HEADS,
-    "amp": ("auto", "bf16", "fp16", "off"),  # byot.engine.runtime resolves them
-    "class_weights": ("none", "balanced"),
-    "stem": STEMS,
-}
 
 
 def _validate(cfg: TrainConfig) -> None:

@@ -58,132 +58,56 @@ def _model_option(text: str) -> tuple[str, Any]:
 
 
 
+PARSERS = {"model_option": _model_option}  # option values the command line reads with a function of its own
+ACTIONS = {"boolean_optional": argparse.BooleanOptionalAction}
+
+
+def add_options(p: argparse.ArgumentParser, sections: tuple[str, ...],
+                extra: dict[str, Any] | None = None) -> None:
+    """The flags of ``sections``' options, generated from their one definition (``byot.config``); ``extra``:
+    {section: function} adding a command's own flags to a section's group (--config, --overwrite)."""
+    from byot.config import SECTIONS, default_of, options
+
+    for section in sections:
+        group = p.add_argument_group(SECTIONS[section])
+        for name, (field, option) in options().items():
+            if option.section == section and option.flags != ("arch",):
+                group.add_argument(*(option.flags or ("--" + name.replace("_", "-"),)), dest=name,
+                                   **_argparse_keywords(field, option, default_of(field)))
+        if extra and section in extra:
+            extra[section](group)
+
+
+def _argparse_keywords(field: Any, option: Any, default: Any) -> dict[str, Any]:
+    keywords: dict[str, Any] = dict(option.extra)
+    parse = keywords.pop("parse", None)
+    if keywords.get("action") in ACTIONS:
+        keywords["action"] = ACTIONS[keywords["action"]]
+    if parse is not None:
+        keywords["type"] = PARSERS[parse]
+    elif "action" not in keywords:
+        keywords["type"] = {"int": int, "float": float}.get(str(field.type).split(" |")[0], str)
+    if option.choices:
+        keywords["choices"] = option.choices
+    keywords["help"] = option.help.format(default=default)
+    return keywords
+
+
+def _config_flag(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--config", dest="config_file", metavar="FILE.yaml",
+                       help="YAML file of options (names as the flags); flags given here override it")
+
+
+def _overwrite_flag(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds a run")
+
+
 def _add_model_and_data(p: argparse.ArgumentParser) -> None:
-    from byot.data import DATASETS
-
-    D = _defaults()
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, help=f"data set (default {D.dataset}; digits: the demo's)")
-    g.add_argument("--data-dir", help="folder with cifar-100-python/, cifar-10-batches-py/ or train/ + test/")
-    g.add_argument("--download", action="store_true", help="download CIFAR with torchvision (needs internet)")
-    g.add_argument("--image-size", type=int, help="px; default 32 for CIFAR, 224 for image folders")
-    g.add_argument("--val-split", type=float, metavar="FRACTION",
-                   help="hold out this share of every training class to select checkpoints; the test split is "
-                        "then evaluated once, at the end (default 0: select on test, as the reference)")
-    g.add_argument("--no-final-test", dest="final_test", action="store_false",
-                   help="with --val-split: do not evaluate the test split at the end (byot tune's trials; "
-                        "evaluate model_best later with byot test)")
-    g.add_argument("--workers", type=int, help=f"image-folder decoding processes (default {D.workers})")
-    g.add_argument("--skip-corrupt", action="store_true",
-                   help="leave unreadable image files out (counted in the log) instead of stopping")
-    g = p.add_argument_group("model (taken from the checkpoint with --resume; must agree if given)")
-    g.add_argument("--width", type=int, help="base channels of the family (ResNets: 64, WRN/PyramidNet: 16, VGG/"
-                   "ResNeXt: 64; 16 runs a ResNet well on a CPU)")
-    g.add_argument("--stem", choices=_choices("stem"),
-                   help="ResNets, MobileNetV2: cifar (stride 1), imagenet (7x7/2 + max-pool, or stride 2), auto "
-                        "(default): imagenet from 64 px up")
-    g.add_argument("--exits", metavar="K,K,...",
-                   help="stages that get a shallow exit, e.g. 1,2,3 (default: the family's natural stage boundaries); "
-                        "the deepest exit is always there")
-    g.add_argument("--model-option", dest="model_options", type=_model_option, action="append",
-                   metavar="KEY=VALUE", help="an option of the model's family, e.g. depth=28 widen=10 for the "
-                   "WideResNets (the model table in the README lists each family's); repeat for several")
-    g.add_argument("--no-distill", dest="distill", action="store_false",
-                   help="the plain backbone trained with cross-entropy only: the baseline")
-    g.add_argument("--head", choices=_choices("head"),
-                   help="shallow classifiers: bottleneck (default; the ICCV 2019 paper's) or attention (the TPAMI "
-                        "2021 journal version's: a sigmoid attention mask, then depthwise-separable conv blocks)")
-    g.add_argument("--feature-loss", choices=_choices("feature_loss"),
-                   help="the feature term: hint (default: masked squared distance of the pooled features, ICCV) or adapted (L2 "
-                        "distance of a learned linear adaptation of each shallow feature to the deepest's, journal)")
-    g.add_argument("--feature-skip", choices=_choices("feature_skip"),
-                   help="exits without a feature term: none (default) or second-deepest (the journal code's, "
-                        "whose comment says it meant the shallowest)")
-    g.add_argument("--pretrained", nargs="?", const="imagenet", metavar="PATH",
-                   help="start the backbone from a local weights file PATH (a torch state dict or .safetensors of "
-                        "the torchvision ResNet, timm/ or tv/ model), or without PATH from the library's own "
-                        "ImageNet weights (needs them cached or internet); the exits and classifier start fresh")
-    g = p.add_argument_group("run")
-    g.add_argument("--batch-size", type=int, help=f"images per step (default {D.batch_size}); under torchrun the "
-                   "global batch, split over the processes, so a recipe means the same on 1 or N of them")
-    g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
-    g.add_argument("--amp", choices=_choices("amp"),
-                   help="mixed precision (default auto: bf16 on GPUs and CPUs that run it natively, fp16 on "
-                        "older GPUs, else off)")
-    g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                   help="keep NCHW memory format (channels-last is faster on oneDNN CPUs and tensor-core GPUs)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (eager if it fails)")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), not per process")
-    g.add_argument("--seed", type=int, help=f"seeds weights, order and augmentation (default {D.seed})")
-    g.add_argument("--resume", help="checkpoint to continue from (train) or to evaluate (test); 'auto': the "
-                   "newest readable checkpoint of the run directory (latest, else previous), or a new run")
-    g.add_argument("--save-folder", help=f"run directory = SAVE_FOLDER/ARCH (default {D.save_folder})")
-    g.add_argument("--config", dest="config_file", metavar="FILE.yaml",
-                   help="YAML file of options (names as the flags); flags given here override it")
-
+    add_options(p, ("data", "model", "run"), {"run": _config_flag})
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
-    D = _defaults()
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epoch", "--epochs", dest="epochs", type=int, help=f"epochs (default {D.epochs})")
-    g.add_argument("--lr", type=float, help=f"initial learning rate (default {D.lr})")
-    g.add_argument("--optimizer", choices=_choices("optimizer"),
-                   help="sgd (default, the reference's) or adamw (decoupled weight decay, none on norms, biases "
-                        "and tokens; the usual choice for fine-tuning transformers)")
-    g.add_argument("--momentum", type=float, help=f"SGD momentum (default {D.momentum})")
-    g.add_argument("--weight-decay", type=float, help=f"weight decay (default {D.weight_decay}; SGD: L2 on every "
-                   "parameter, as the reference)")
-    g.add_argument("--backbone-lr-scale", type=float, metavar="FACTOR",
-                   help="learning rate of the stem and stages relative to the heads' (default 1; e.g. 0.1 when "
-                        "fine-tuning a pretrained backbone)")
-    g.add_argument("--schedule", choices=_choices("schedule"),
-                   help="step (default): lr x0.1 at 75/130/180 of 200 epochs, scaled; journal: lr /10 at E // 3, "
-                        "2E // 3 and E - 10 (the journal code's); cosine")
-    g.add_argument("--warmup-epochs", type=int, metavar="N",
-                   help="epochs of linearly rising learning rate before the schedule (default 0)")
-    g.add_argument("--class-weights", choices=_choices("class_weights"),
-                   help="balanced: label terms weighted by N / (K * n_class) for imbalanced classes")
-    g.add_argument("--accum-steps", type=int, help="batches per optimizer step (effective batch = N x batch)")
-    g.add_argument("--grad-checkpoint", action="store_true",
-                   help="recompute each stage's activations in backward: less memory, more time")
-    g.add_argument("--skip-nonfinite", type=int, metavar="N",
-                   help="skip the update of up to N steps whose loss is NaN or infinite (default 0: stop at the "
-                        "first, keeping the last good checkpoint)")
-    g = p.add_argument_group("augmentation (training batches, per image, on the training device)")
-    g.add_argument("--augment", choices=_choices("augment"),
-                   help="none (default: crop and flip only), autoaugment (the CIFAR-10 policy at 32 px, the "
-                        "ImageNet one on image folders), randaugment (2 ops, magnitude 9), trivialaugment")
-    g.add_argument("--cutout", type=int, metavar="PX", help="one square hole of PX px per image (default 0: none)")
-    g.add_argument("--mixup", type=float, metavar="ALPHA", help="mix each image with another, ratio ~ Beta(ALPHA, "
-                   "ALPHA) (default 0: off)")
-    g.add_argument("--cutmix", type=float, metavar="ALPHA", help="paste a box of another image, area ~ Beta(ALPHA, "
-                   "ALPHA) (default 0: off; with --mixup each image picks one of the two)")
-    g.add_argument("--label-smoothing", type=float, metavar="EPS", help="label terms' targets smoothed by EPS "
-                   "(default 0)")
-    g.add_argument("--pad-fill", type=int, metavar="0-255", help="grey level of the crop's padding and of what "
-                   "rotations, shears and translations bring in (default 0; the journal recipe's 128)")
-    g = p.add_argument_group("self-distillation")
-    g.add_argument("--recipe", choices=_choices("recipe"),
-                   help="iccv (default: the ICCV 2019 paper's loss and 200-epoch schedule) or journal (the TPAMI "
-                        "2021 code's: attention exits, AutoAugment + Cutout, CE 1 / 0.7, KD 0.3 without T^2, "
-                        "adapted feature distance 0.03, 250 epochs; README, 'The loss'); options given beside it win")
-    g.add_argument("--temperature", type=float, help=f"softens the teacher (default {D.temperature})")
-    g.add_argument("--alpha", type=float, help=f"KD weight; the shallow exits' labels get 1 - alpha (default {D.alpha})")
-    g.add_argument("--deepest-ce", type=float, metavar="WEIGHT",
-                   help="the deepest exit's label weight (default: 1 - alpha, as the shallow exits'; journal: 1)")
-    g.add_argument("--kd-t2", dest="kd_t2", action=argparse.BooleanOptionalAction,
-                   help="scale the KD term by T^2 (default; --no-kd-t2: the journal code does not)")
-    g.add_argument("--beta", "--feature-weight", dest="beta", type=float,
-                   help=f"weight of the feature term (default {D.beta}, for the hint; journal: 0.03)")
-    g.add_argument("--ema", type=float, metavar="DECAY",
-                   help="keep an exponential moving average of the weights (e.g. 0.999 per step), evaluated per "
-                        "exit each epoch and saved beside the weights (default 0: off)")
-    g = p.add_argument_group("output")
-    g.add_argument("--print-freq", type=int, help=f"steps between log lines (default {D.print_freq})")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    g.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds a run")
+    add_options(p, ("optimisation", "augmentation", "loss", "output"), {"output": _overwrite_flag})
 
 
 
