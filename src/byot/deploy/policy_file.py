@@ -71,8 +71,8 @@ def read_fitted(checkpoint_path: Path, checkpoint: dict[str, Any]) -> Fitted:
     stored = _parse(path)
     if stored["checkpoint_sha256"] != _digest(checkpoint_path, checkpoint):
         return Fitted(stale=f"{path} was fitted on another checkpoint than {checkpoint_path} (their SHA-256 differ: "
-                            "retrained or replaced since), so it is not applied; run byot calibrate / byot "
-                            f"early-exit again, or delete {path}")
+                            "retrained or replaced since), so it is not applied; run byot calibrate again (it "
+                            f"replaces the file), or delete {path}")
     return Fitted({k: stored[k] for k in ENTRIES if stored.get(k)}, f"the policy file {path}")
 
 
