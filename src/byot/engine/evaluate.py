@@ -21,6 +21,22 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int])
     return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
 
 
+def exit_hits(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Every exit's (B, K) logits, (B,) targets -> (E + 1, 2) counts of top-1 and top-5 hits (top-K where
+    K < 5): each exit, then the ensemble (the mean of the exits' softmax)."""
+    ks = (1, min(5, logits[0].shape[1]))
+    ensemble = torch.stack([z.float().softmax(dim=1) for z in logits]).mean(dim=0)  # (B, K)
+    return torch.stack([topk_correct(z, targets, ks) for z in [*logits, ensemble]])
+
+
+def accuracies(correct: torch.Tensor, seen: int, exit_ids: Sequence[int]) -> dict[str, Any]:
+    """(E + 1, 2) hit counts over ``seen`` images -> {"num_images", "exits": [{"exit", "top1", "top5"}],
+    "ensemble": {"top1", "top5"}}, in percent."""
+    acc = (correct.double() * 100.0 / seen).tolist()
+    exits = [{"exit": k, "top1": a[0], "top5": a[1]} for k, a in zip(exit_ids, acc)]
+    return {"num_images": seen, "exits": exits, "ensemble": {"top1": acc[-1][0], "top5": acc[-1][1]}}
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Sequence[int],
              confusion: bool = False) -> dict[str, Any]:
@@ -32,18 +48,14 @@ def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Seq
     """
     matrices: torch.Tensor | None = None  # (num_exits, K * K)
     model.eval()
-    ks: tuple[int, ...] = ()
-    correct: torch.Tensor | None = None  # (num_exits + 1, len(ks)): exits, then the ensemble
+    correct: torch.Tensor | None = None  # (num_exits + 1, 2) top-1/top-5 hits: exits, then the ensemble
     seen = 0
     for images, targets in batches:
         fault_point("evaluate")
         with runtime.autocast():
             logits = model(runtime.inputs(images)).logits
-        if correct is None:
-            ks = (1, min(5, logits[0].shape[1]))
-            correct = torch.zeros(len(logits) + 1, 2, dtype=torch.long, device=targets.device)
-        ensemble = torch.stack([z.float().softmax(dim=1) for z in logits]).mean(dim=0)  # (B, K)
-        correct += torch.stack([topk_correct(z, targets, ks) for z in [*logits, ensemble]])
+        hits = exit_hits(logits, targets)
+        correct = hits if correct is None else correct + hits
         seen += len(targets)
         if confusion:
             k = logits[0].shape[1]
@@ -59,9 +71,7 @@ def evaluate(model: nn.Module, batches: Batches, runtime: Runtime, exit_ids: Seq
     correct, seen = counts[:-1].view_as(correct), int(counts[-1])
     if matrices is not None:
         matrices = all_reduce_sum(matrices)
-    acc = (correct.double() * 100.0 / seen).tolist()
-    exits = [{"exit": k, "top1": a[0], "top5": a[1]} for k, a in zip(exit_ids, acc)]
-    result = {"num_images": seen, "exits": exits, "ensemble": {"top1": acc[-1][0], "top5": acc[-1][1]}}
+    result = accuracies(correct, seen, exit_ids)
     if matrices is not None:
         k = round(matrices.shape[1] ** 0.5)
         result["confusion"] = [m.view(k, k).cpu() for m in matrices]

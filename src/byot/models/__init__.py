@@ -10,15 +10,19 @@ from byot.models import (  # noqa: F401  (register)  # noqa: F401  (timm/NAME, t
     vgg,
     wide_resnet,
 )
+from byot.models.attach import AttachedNet, HookedExits, attach_exits
 from byot.models.base import MultiExitNet, MultiExitOutput, StageShape
 from byot.models.registry import create_model, family_options, list_models, model_spec, register_model
 from byot.models.resnet import MultiExitResNet, resolve_stem
 
 __all__ = [
+    "AttachedNet",
+    "HookedExits",
     "MultiExitNet",
     "MultiExitOutput",
     "MultiExitResNet",
     "StageShape",
+    "attach_exits",
     "create_model",
     "family_options",
     "list_models",
