@@ -251,7 +251,7 @@ def test_fine_tune_a_timm_convnext_from_a_local_file_then_deploy_exit_2(cifar10_
 
 @pytest.mark.parametrize("name, gmacs", [("timm/convnext_tiny", 4.5), ("timm/vit_small_patch16_224", 4.6)])
 def test_flops_per_exit_at_224_px_match_the_published_cost(name, gmacs):
-    from byot.engine.cost import exit_costs
+    from byot.models.cost import exit_costs
 
     with torch.device("meta"):  # shapes only: counted in a second
         model = create_model(name, 1000, 224)

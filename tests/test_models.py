@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import byot
-from byot.engine.cost import exit_costs
 from byot.errors import ByotError
 from byot.models import create_model, list_models, model_spec
+from byot.models.cost import exit_costs
 from byot.models.registry import model_entry
 
 # Small configurations of each family (the registered name's options overridden) so that every entry runs in

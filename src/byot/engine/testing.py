@@ -11,13 +11,13 @@ from byot.config import (
     TrainConfig,
 )
 from byot.engine.build import build_trained, check_checkpoint_fits, load_data, weights_name
-from byot.engine.cost import exit_costs
 from byot.engine.evaluate import evaluate
 from byot.engine.reports import class_counts, per_class_table, write_confusion
 from byot.engine.runtime import (
     precision_name,
     resolve_device,
 )
+from byot.models.cost import exit_costs
 
 log = logging.getLogger("byot")
 

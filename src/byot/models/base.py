@@ -7,7 +7,7 @@ the configured image size (each stage's output channels and spatial size), so an
 and any choice of exit stages work the same way.
 
 ``path()`` is the one walk of the network: forward, ``forward_exit``, cost counting
-(``byot.engine.cost``), the real early-exit cascade (``byot.deploy.cascade``), export (``subnet``) and
+(``byot.models.cost``), the real early-exit cascade (``byot.deploy.cascade``), export (``subnet``) and
 gradient checkpointing all go through it. Exits are numbered by the stage they read (1 = after stage 1);
 the deepest exit's number is the number of stages.
 """

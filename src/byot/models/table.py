@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from byot.engine.cost import exit_costs
+from byot.models.cost import exit_costs
 from byot.models.registry import create_model, list_models, model_entry
 
 
