@@ -27,6 +27,7 @@ from byot.engine.runtime import Runtime
 from byot.errors import ByotError
 from byot.losses import SelfDistillLoss
 from byot.models import AttachedNet, HookedExits, attach_exits, create_model
+from byot.models.cost import exit_costs
 
 SIZE = 16  # px: the digits scans upscaled; small enough for full-width ResNets on the CPU
 MEAN, STD = NORMALIZATION["digits"]
@@ -166,6 +167,8 @@ def test_early_exit_on_an_attached_model_is_the_simulated_policy(name, digits):
     images, labels = digits["test_uint8"][:96], digits["test_y"][:96]
     batches = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, 96, 32)]  # uint8, as byot's batches
     assert_cascade_is_the_policy(net.eval(), runtime, batches)
+    flops = [c["flops"] for c in exit_costs(net, SIZE)]  # counted along the same stage walk
+    assert len(flops) == net.num_exits and flops == sorted(set(flops))
 
 
 def test_a_module_that_is_not_a_chain_gets_hooks_and_early_exit_refuses_in_one_line(digits):
@@ -175,6 +178,8 @@ def test_a_module_that_is_not_a_chain_gets_hooks_and_early_exit_refuses_in_one_l
     with pytest.raises(ByotError) as refused:
         early(digits["test_x"][:4])
     assert "\n" not in str(refused.value) and "stages" in str(refused.value)
+    with pytest.raises(ByotError, match="stages"):
+        exit_costs(net, SIZE)
     with pytest.raises(ByotError, match="not a chain|more than run its modules"):
         _attached("skip_cnn", mode="stages")
 
