@@ -96,6 +96,7 @@ def test_overwrite_removes_every_file_of_the_old_run_and_nothing_else(tmp_path, 
     (run / "early_exit").mkdir()
     (run / "early_exit" / "curve.json").write_text("{}")
     (run / "confusion_exit1.csv").write_text("x")
+    (run / "model_best.pth.tar.policy.json").write_text("{}")  # byot calibrate's fit of the old weights
     (run / "notes.txt").write_text("mine")  # the user's own file
     old = {p.name for p in run.iterdir()}
     assert {"checkpoint_previous.pth.tar", "test_result.json"} <= old and any("tfevents" in n for n in old)
@@ -103,6 +104,7 @@ def test_overwrite_removes_every_file_of_the_old_run_and_nothing_else(tmp_path, 
     left = {p.name for p in run.iterdir()}
     assert "checkpoint_previous.pth.tar" not in left and "test_result.json" not in left
     assert "confusion_exit1.csv" not in left and "early_exit" not in left and (run / "notes.txt").exists()
+    assert "model_best.pth.tar.policy.json" not in left
     assert len([n for n in left if "tfevents" in n]) == 1 and len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert "epoch 2" not in (run / "log_train.txt").read_text()  # the old run's log went too
     # the new latest damaged: --resume auto finds nothing of the old width-4 run to fall back on

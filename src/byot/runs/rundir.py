@@ -35,7 +35,8 @@ LOCK_NAME = ".byot-run.lock"
 WRITE_LOCK_NAME = ".byot-write.lock"  # held only while a checkpoint file is replaced
 # what a run writes into its directory; globs allowed
 RUN_FILES = (LATEST, PREVIOUS, BEST, METRICS, TEST_RESULT, "config.yaml", "log_train.txt", "events.out.tfevents.*",
-             "confusion_exit*.csv", "confusion_exit*.png", ".write-probe")
+             "confusion_exit*.csv", "confusion_exit*.png", ".write-probe",
+             "*.pth.tar.policy.json")  # byot calibrate's and early-exit's fits, beside their checkpoint
 TEMPORARIES = ".*.tmp-*"  # .NAME.tmp-PID: a write in progress, or what a crash left
 RUN_FOLDERS = {"early_exit": ("curve.json", "curve.csv", "curve.png")}  # byot early-exit's default --out
 
