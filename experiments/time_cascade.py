@@ -24,9 +24,9 @@ from byot.data.cifar import load_cifar
 from byot.deploy.calibration import calibrated_softmax
 from byot.deploy.policy import NEVER, ExitPolicy, simulate
 from byot.deploy.run import time_policy
-from byot.engine.evaluate import collect_logits
-from byot.engine.runtime import make_runtime
 from byot.models import create_model
+from byot.training.evaluate import collect_logits
+from byot.training.runtime import make_runtime
 
 
 def thresholds_for_shares(logits: torch.Tensor, shares: list[float]) -> tuple[float, ...]:

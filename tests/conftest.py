@@ -69,7 +69,7 @@ def assert_cascade_is_the_policy(model, runtime, batches) -> None:
 
     from byot.deploy.cascade import EarlyExitNet
     from byot.deploy.policy import ExitPolicy, simulate
-    from byot.engine.evaluate import collect_logits
+    from byot.training.evaluate import collect_logits
 
     logits, _ = collect_logits(model, batches, runtime)
     confidence = [torch.softmax(z, dim=1).max(dim=1).values.double() for z in logits[:-1]]
@@ -159,7 +159,7 @@ def digits_checkpoint(tmp_path_factory) -> Path:
     """model_best of a real (if small) run: multi_resnet18_kd, width 8, 16 px digits, 12 epochs, 25% held
     out for validation. About 7 s on the 2-core CPU. Tests copy it before changing it."""
     from byot.config import build_config
-    from byot.engine.fit import fit
+    from byot.training.fit import fit
 
     root = tmp_path_factory.mktemp("digits_run")
     cfg = build_config({}, {"arch": "multi_resnet18_kd", "dataset": "digits", "width": 8, "epochs": 12,

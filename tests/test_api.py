@@ -20,14 +20,14 @@ from byot.cli import main
 from byot.data import NORMALIZATION
 from byot.data.digits import load_digits
 from byot.deploy import EarlyExitNet, ExitPolicy
-from byot.engine.build import build_trained, load_data
-from byot.engine.evaluate import evaluate
-from byot.engine.resolve import resolve_config
-from byot.engine.runtime import Runtime
 from byot.errors import ByotError
 from byot.losses import SelfDistillLoss
 from byot.models import AttachedNet, HookedExits, attach_exits, create_model
 from byot.models.cost import exit_costs
+from byot.training.build import build_trained, load_data
+from byot.training.evaluate import evaluate
+from byot.training.resolve import resolve_config
+from byot.training.runtime import Runtime
 
 SIZE = 16  # px: the digits scans upscaled; small enough for full-width ResNets on the CPU
 MEAN, STD = NORMALIZATION["digits"]

@@ -75,8 +75,8 @@ STRONG = {"recipe": "journal", "mixup": 0.2, "cutmix": 1.0, "label_smoothing": 0
 
 @pytest.mark.parametrize("options", [{}, STRONG], ids=["iccv", "journal+mixup+cutmix+ema"])
 def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, cifar100_small, options):
-    from byot.engine.fit import fit
-    from byot.engine.resolve import resolve_config
+    from byot.training.fit import fit
+    from byot.training.resolve import resolve_config
 
     common = {"data_dir": str(cifar100_small), "width": 4, "batch_size": 64, "epochs": 3, "progress": False,
               "seed": 7, "arch": "multi_resnet18_kd", **options}

@@ -23,10 +23,10 @@ from byot.deploy import run as deploy_run
 from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.policy import ExitPolicy, simulate
 from byot.deploy.policy_file import policy_path, read_fitted
-from byot.engine.build import build_trained, load_data
-from byot.engine.checkpoint import load_checkpoint
-from byot.engine.evaluate import collect_logits
-from byot.engine.resolve import resolve_config
+from byot.training.build import build_trained, load_data
+from byot.training.checkpoint import load_checkpoint
+from byot.training.evaluate import collect_logits
+from byot.training.resolve import resolve_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "onnx_predict.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

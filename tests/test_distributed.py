@@ -15,7 +15,7 @@ import torch
 from conftest import metrics
 
 from byot.data.batches import Shard, batch_bounds
-from byot.engine.checkpoint import load_checkpoint
+from byot.training.checkpoint import load_checkpoint
 
 ARCH = "multi_resnet18_kd"
 # lr 0.01: a width-4 net at lr 0.1 is chaotic enough that one process with 1 or 2 threads drifts apart

@@ -16,10 +16,10 @@ from byot.data.digits import load_digits
 from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.policy import ExitPolicy
 from byot.deploy.policy_file import policy_path
-from byot.engine.build import build_trained
-from byot.engine.checkpoint import load_checkpoint
-from byot.engine.resolve import resolve_config
 from byot.runs.runfiles import read_metrics
+from byot.training.build import build_trained
+from byot.training.checkpoint import load_checkpoint
+from byot.training.resolve import resolve_config
 
 ARCH = "multi_resnet18_kd"
 

@@ -18,10 +18,10 @@ from test_models import tiny as tiny_options
 
 from byot.config import build_config
 from byot.deploy.run import export_checkpoint
-from byot.engine.build import build_trained, load_data
-from byot.engine.checkpoint import load_checkpoint
-from byot.engine.fit import fit
 from byot.models import list_models, model_spec
+from byot.training.build import build_trained, load_data
+from byot.training.checkpoint import load_checkpoint
+from byot.training.fit import fit
 
 
 def tiny(name: str) -> dict:
@@ -105,7 +105,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from torch.nn.parallel import DistributedDataParallel
     sys.path.insert(0, sys.argv[1])
     from test_models import tiny
-    from byot.engine.distributed import shutdown
+    from byot.training.distributed import shutdown
     from byot.losses import SelfDistillLoss
     from byot.models import create_model, list_models
 

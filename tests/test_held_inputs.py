@@ -249,7 +249,7 @@ STORAGES = {  # case: (--storage, relative to tmp_path unless absolute or a URL;
 @pytest.mark.parametrize("case", list(STORAGES))
 def test_odd_storages_are_one_line(tmp_path, monkeypatch, case):
     pytest.importorskip("optuna")
-    from byot.tune.study import open_storage
+    from byot.jobs.tune.study import open_storage
 
     text, says = STORAGES[case]
     if "://" not in text and not text.startswith("/"):
@@ -271,7 +271,7 @@ def test_odd_storages_are_one_line(tmp_path, monkeypatch, case):
 READ_ONLY_CHECK = """
 import sys
 from byot.errors import ByotError
-from byot.tune.study import open_storage
+from byot.jobs.tune.study import open_storage
 for text in sys.argv[1:]:
     try:
         open_storage(text)
@@ -321,9 +321,9 @@ def test_a_new_storage_in_a_read_only_folder_is_refused(tmp_path):
 def test_a_study_continued_with_another_base_objective_or_seed_is_refused(tmp_path, capsys, monkeypatch, flags,
                                                                          says):
     optuna = pytest.importorskip("optuna")
-    from byot.tune import runner
-    from byot.tune.spec import load_tune
-    from byot.tune.study import open_storage, open_study
+    from byot.jobs.tune import runner
+    from byot.jobs.tune.spec import load_tune
+    from byot.jobs.tune.study import open_storage, open_study
 
     path = _tune_file(tmp_path)
     storage = tmp_path / "s.db"
@@ -520,7 +520,7 @@ def test_a_blank_storage_and_a_name_of_no_letters_with_out_are_one_line(tmp_path
 @pytest.mark.parametrize("space, says", [({"alpha": [1, 1.0]}, "the choices repeat a value"),
                                          ({"alpha": [True, 1]}, None)])
 def test_choices_equal_as_numbers_are_repeats_and_a_switch_is_not_a_number(space, says):
-    from byot.tune.space import parse_space
+    from byot.jobs.tune.space import parse_space
 
     if says is None:
         assert parse_space(space)[0].choices == (True, 1)

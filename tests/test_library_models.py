@@ -17,15 +17,15 @@ from conftest import assert_cascade_is_the_policy
 from byot.cli import main
 from byot.config import build_config
 from byot.deploy.run import export_checkpoint
-from byot.engine.build import build_trained, load_data
-from byot.engine.checkpoint import load_checkpoint
-from byot.engine.fit import fit
-from byot.engine.runtime import build_optimizer
-from byot.engine.train import lr_at
 from byot.errors import ByotError
 from byot.models import create_model
 from byot.models.base import AdaptedHead
 from byot.models.pretrained import load_pretrained
+from byot.training.build import build_trained, load_data
+from byot.training.checkpoint import load_checkpoint
+from byot.training.fit import fit
+from byot.training.runtime import build_optimizer
+from byot.training.train import lr_at
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")

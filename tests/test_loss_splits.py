@@ -12,9 +12,9 @@ from byot import SelfDistillLoss
 from byot.config import build_config
 from byot.data import DataBundle
 from byot.data.augment import Mixed
-from byot.engine.build import build_loss
 from byot.losses import mean_feature_weight
 from byot.models import MultiExitOutput
+from byot.training.build import build_loss
 
 B, K, C, EXITS = 12, 6, 8, 4
 TOL = 1e-5  # the loss computes in float32

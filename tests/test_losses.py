@@ -144,7 +144,7 @@ def np_journal_loss(logits, features, y, T, skip_index_deepest_first=1) -> float
 def test_the_journal_recipe_loss_matches_its_code_written_out(step):
     from byot.config import build_config
     from byot.data import DataBundle
-    from byot.engine.build import build_loss
+    from byot.training.build import build_loss
 
     # the 6 images are a full step: byot's per-image distance, weighted for a step of 6, is that code's norm
     cfg = build_config({}, {"recipe": "journal", "dataset": "digits", **step})

@@ -261,7 +261,7 @@ def test_checkpoints_written_before_the_contract_keep_their_attention_mask():
     # rebuilding them with it makes them test to the accuracy they were trained to (a real 0.1.0 checkpoint
     # tested identically per exit with 0.1.0 and with this code: see the session note of issue 13)
     from byot.config import build_config
-    from byot.engine.build import build_model
+    from byot.training.build import build_model
 
     cfg = build_config({}, {"head": "attention", "width": 4})
     old = build_model(cfg, 10, 32, {"model": {}})

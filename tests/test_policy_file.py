@@ -13,16 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from byot import __version__
 from byot.cli import main
 from byot.data.digits import load_digits
 from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.policy import ExitPolicy
 from byot.deploy.policy_file import POLICY_FORMAT, policy_path, read_fitted
 from byot.deploy.run import resolve_policy
-from byot.engine.build import build_trained
-from byot.engine.checkpoint import DIGEST, load_checkpoint, save_checkpoint
-from byot.engine.resolve import resolve_config
+from byot.training.build import build_trained
+from byot.training.checkpoint import DIGEST, load_checkpoint, save_checkpoint
+from byot.training.resolve import resolve_config
+from byot.version import __version__
 
 ARCH = "multi_resnet18_kd"
 SCANS = 32  # digits test scans written as PNG files for predict

@@ -11,10 +11,10 @@ from conftest import metrics
 
 from byot.cli import main
 from byot.config import JOURNAL_RECIPE, build_config
-from byot.engine.build import build_model
-from byot.engine.ema import WeightAverage
 from byot.errors import ByotError
 from byot.models.base import AdaptedHead
+from byot.training.build import build_model
+from byot.training.ema import WeightAverage
 
 
 def test_the_journal_recipe_sets_its_values_and_given_options_win():

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from byot.cli import main
-from byot.engine.build import build_trained, check_checkpoint_fits, load_data
-from byot.engine.checkpoint import load_checkpoint
-from byot.engine.evaluate import collect_logits
-from byot.engine.resolve import resolve_config
+from byot.training.build import build_trained, check_checkpoint_fits, load_data
+from byot.training.checkpoint import load_checkpoint
+from byot.training.evaluate import collect_logits
+from byot.training.resolve import resolve_config
 
 
 class RefBasicBlock(nn.Module):
@@ -118,7 +118,7 @@ def _reference_logits(model: nn.Module, data_dir) -> tuple[list[torch.Tensor], t
 
 
 def test_the_reference_names_cifar100s_classes_in_label_order(cifar100_full):
-    from byot.engine.reference import CIFAR100_CLASSES
+    from byot.training.reference import CIFAR100_CLASSES
 
     assert list(CIFAR100_CLASSES) == list(cifar100_full["meta"]["fine_label_names"])
 

@@ -24,7 +24,7 @@ import yaml
 from conftest import metrics, without_timing
 
 from byot.cli import main
-from byot.engine.checkpoint import FORMAT, load_checkpoint
+from byot.training.checkpoint import FORMAT, load_checkpoint
 
 ARCH = "multi_resnet18_kd"
 RUN = ["--dataset", "digits", "--image-size", "16", "--width", "4", "--epochs", "3", "--batch-size", "64",
@@ -129,7 +129,7 @@ def test_a_signal_during_a_checkpoint_write_waits_for_the_write(tmp_path):
 def test_a_second_ctrl_c_exits_at_once(monkeypatch):
     # two SIGINTs sent back to back may reach a process as one, so the handler is driven directly: the
     # first signal during a checkpoint write is held; the second ends the process at once, write or not
-    from byot.engine import signals
+    from byot.runs import signals
 
     exits = []
     monkeypatch.setattr(signals.os, "_exit", lambda code: exits.append(code))
@@ -146,7 +146,7 @@ def test_a_parents_death_announced_once_per_thread_is_one_stop(monkeypatch):
     # it again each time the orphan passes to another thread of the dying parent (a killed parent with 8
     # idle threads besides its main one and the child's starter: up to 7 times, measured). Counted as second signals, they ended the child in the middle of saving its
     # epoch; they are one stop, and a SIGTERM after it still ends the process at once
-    from byot.engine import signals
+    from byot.runs import signals
 
     exits = []
     monkeypatch.setattr(signals.os, "_exit", lambda code: exits.append(code))
@@ -167,7 +167,7 @@ def test_after_a_stop_a_helper_threads_lost_connection_is_not_printed(capsys):
     # errors through sys.excepthook: a worker stopped by the same Ctrl-C mid-handshake is no traceback
     import threading
 
-    from byot.engine import signals
+    from byot.runs import signals
 
     def report(error: Exception) -> None:
         sys.excepthook(type(error), error, None)  # as resource_sharer's _serve reports what it caught

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from byot.engine.reports import (
+from byot.errors import ByotError
+from byot.jobs.reports import (
     class_counts,
     format_per_class,
     overall_accuracy,
@@ -17,7 +18,6 @@ from byot.engine.reports import (
     per_class_table,
     write_confusion,
 )
-from byot.errors import ByotError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

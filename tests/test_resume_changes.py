@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from byot.cli import main
-from byot.engine.checkpoint import load_checkpoint
+from byot.training.checkpoint import load_checkpoint
 
 ARCH = "multi_resnet18_kd"
 RUN = ["--dataset", "digits", "--image-size", "16", "--width", "4", "--batch-size", "64", "--workers", "0",

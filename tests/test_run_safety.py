@@ -21,9 +21,9 @@ from test_reliability import ARCH, RUN, byot_train
 
 from byot.cli import main
 from byot.deploy.policy_file import policy_path
-from byot.engine.checkpoint import FORMAT, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from byot.errors import ENVIRONMENT_EXIT, ByotError
 from byot.runs.rundir import LOCK_NAME, run_lock
+from byot.training.checkpoint import FORMAT, load_checkpoint, remove_stale_temporaries, save_checkpoint
 
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -278,7 +278,7 @@ def test_class_folder_names_that_are_not_utf8_are_printed_escaped(tmp_path, cifa
 def test_reported_accuracies_are_fp32_unless_a_half_precision_is_named(digits_checkpoint, capsys):
     import json
 
-    from byot.engine.runtime import Runtime, evaluation_runtime
+    from byot.training.runtime import Runtime, evaluation_runtime
 
     bf16 = Runtime(torch.device("cpu"), torch.zeros(3), torch.ones(3), amp="bf16")
     assert evaluation_runtime(bf16, "auto").amp == "off" and evaluation_runtime(bf16, "bf16").amp == "bf16"
@@ -412,8 +412,8 @@ def test_a_stored_policy_of_the_wrong_length_is_one_line(tmp_path, digits_checkp
 
 
 def test_extending_a_finished_run_drops_its_old_test_result(tmp_path, digits_checkpoint):
-    from byot.engine.fit import fit
-    from byot.engine.resolve import resolve_config
+    from byot.training.fit import fit
+    from byot.training.resolve import resolve_config
 
     run = tmp_path / ARCH
     run.mkdir()

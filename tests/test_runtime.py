@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from byot.engine import runtime as rt
 from byot.errors import ByotError
 from byot.models import create_model
+from byot.training import runtime as rt
 
 CPU = torch.device("cpu")
 
@@ -44,7 +44,7 @@ def test_channels_last_safety_rule(arch, width, safe):
 
 TRAIN_ODD_BATCHES = """
 import torch
-from byot.engine.runtime import make_runtime
+from byot.training.runtime import make_runtime
 from byot.losses import SelfDistillLoss
 from byot.models import create_model
 torch.manual_seed(0)

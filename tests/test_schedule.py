@@ -2,7 +2,7 @@
 
 import pytest
 
-from byot.engine.train import lr_at
+from byot.training.train import lr_at
 
 
 @pytest.mark.parametrize("epoch,expected", [(0, 0.1), (74, 0.1), (75, 0.01), (129, 0.01), (130, 1e-3),

@@ -18,13 +18,12 @@ import pytest
 import yaml
 from conftest import metrics
 
+import byot.jobs.sweep as sweep_module
 import byot.runs.children as children_module
-import byot.sweep as sweep_module
 from byot.cli import main
 from byot.config import TrainConfig, build_config, save_yaml
 from byot.errors import ByotError
-from byot.runs.trainchild import config_changes, finished, slug
-from byot.sweep import (
+from byot.jobs.sweep import (
     _mean_std,
     _run_child,
     _train,
@@ -32,6 +31,7 @@ from byot.sweep import (
     load_sweep,
     write_results,
 )
+from byot.runs.trainchild import config_changes, finished, slug
 
 BASE = {"arch": "multi_resnet18_kd", "dataset": "digits", "image_size": 16, "width": 4, "epochs": 1,
         "batch_size": 128, "val_split": 0.2}

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import byot
-from byot.engine.build import balanced_class_weights
-from byot.engine.runtime import Runtime, compile_model
-from byot.engine.train import train_step
+from byot.training.build import balanced_class_weights
+from byot.training.runtime import Runtime, compile_model
+from byot.training.train import train_step
 
 CPU = torch.device("cpu")
 
@@ -168,7 +168,7 @@ def test_a_training_step_has_the_gradients_of_the_previous_objective(recipe, ste
     # the engine converts it for the loss's per-image terms, and every step's gradients stay what they were
     from byot.config import build_config
     from byot.data import DataBundle
-    from byot.engine.build import build_loss, build_model
+    from byot.training.build import build_loss, build_model
 
     cfg = build_config({}, {"recipe": recipe, "dataset": "digits", "image_size": 16, "width": 4, **step,
                             **({"beta": 1e-2} if recipe == "iccv" else {})})  # a hint large enough to matter

@@ -18,10 +18,10 @@ optuna = pytest.importorskip("optuna", reason="byot tune needs the tune extra (p
 
 from byot.cli import main
 from byot.errors import ByotError
-from byot.tune import runner
-from byot.tune.space import check_space, parse_param, parse_space, with_params
-from byot.tune.spec import load_tune
-from byot.tune.study import STATE, counted, open_storage, open_study, recover, surplus
+from byot.jobs.tune import runner
+from byot.jobs.tune.space import check_space, parse_param, parse_space, with_params
+from byot.jobs.tune.spec import load_tune
+from byot.jobs.tune.study import STATE, counted, open_storage, open_study, recover, surplus
 
 DIGITS = {"arch": "multi_resnet18_kd", "dataset": "digits", "image_size": 16, "width": 4, "epochs": 2,
           "batch_size": 64, "val_split": 0.2, "workers": 0}
@@ -132,7 +132,7 @@ def test_bad_input_is_one_line_and_exit_2_before_training(tmp_path, capsys, case
 def test_without_optuna_the_error_names_the_extra(monkeypatch):
     import importlib
 
-    import byot.tune as tune_package
+    import byot.jobs.tune as tune_package
 
     real = importlib.import_module
     monkeypatch.setattr(importlib, "import_module",
@@ -188,7 +188,7 @@ def test_another_machines_trial_whose_heartbeat_stopped_is_failed_and_queued_to_
     # an RDB storage: a trial whose worker ran on another host is judged by its heartbeat alone (short here:
     # stale after 1 s, 90 s in use). SQLite's clock has whole seconds: a heartbeat 2.5 s old reads as 2 or 3
     # s old, one just recorded as 0 or 1
-    from byot.tune import study as study_module
+    from byot.jobs.tune import study as study_module
 
     monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
     monkeypatch.setattr(study_module, "GRACE_SECONDS", 1)
@@ -255,8 +255,8 @@ def test_workers_prune_on_the_validation_accuracy_and_score_model_best(tmp_path,
 
 
 def test_objectives_read_their_exit_and_pruners_are_optunas(tmp_path):
-    from byot.tune.spec import parse_objective
-    from byot.tune.study import make_pruner
+    from byot.jobs.tune.spec import parse_objective
+    from byot.jobs.tune.study import make_pruner
 
     record = {"exits": [{"exit": 1, "top1": 11.0}, {"exit": 2, "top1": 22.0}, {"exit": 4, "top1": 44.0}],
               "ensemble": {"top1": 40.0}}
@@ -290,7 +290,7 @@ shutil.copy(checkpoint, run / "model_best.pth.tar")  # a real trained model stan
 def small_checkpoint(tmp_path_factory) -> Path:
     """model_best of a real two-epoch digits run with a validation split (a few seconds)."""
     from byot.config import build_config
-    from byot.engine.fit import fit
+    from byot.training.fit import fit
 
     root = tmp_path_factory.mktemp("small_run")
     fit(build_config({}, {**DIGITS, "width": 8, "val_split": 0.25, "save_folder": str(root), "progress": False}))
@@ -299,7 +299,7 @@ def small_checkpoint(tmp_path_factory) -> Path:
 
 def test_the_early_exit_objective_scores_the_policy_fitted_on_validation(tmp_path, monkeypatch, small_checkpoint):
     from byot.deploy.run import fit_on_validation
-    from byot.engine.resolve import resolve_config
+    from byot.training.resolve import resolve_config
 
     script = tmp_path / "trainer.py"
     script.write_text(EARLY_EXIT_TRAINER)

@@ -20,10 +20,10 @@ from test_tune import write_tune
 
 from byot.cli import main
 from byot.errors import ByotError
-from byot.tune import runner
-from byot.tune.report import _same_run, counts
-from byot.tune.spec import load_tune
-from byot.tune.study import STATE, STUDY_ID, check_data, open_storage, open_study
+from byot.jobs.tune import runner
+from byot.jobs.tune.report import _same_run, counts
+from byot.jobs.tune.spec import load_tune
+from byot.jobs.tune.study import STATE, STUDY_ID, check_data, open_storage, open_study
 
 # A stand-in for byot train: continues the run's metrics.jsonl from its last epoch (as a resume does), two
 # seconds of training per epoch. MODE "env" exits 75 after epoch 2 the first time a run directory trains,
@@ -245,7 +245,7 @@ def test_every_value_the_sampler_can_draw_is_checked_before_training(tmp_path, c
 
 
 def test_an_even_int_grid_passes_and_a_long_int_range_is_sampled_not_skipped():
-    from byot.tune.space import MAX_CHECKED_INTS, parse_param
+    from byot.jobs.tune.space import MAX_CHECKED_INTS, parse_param
 
     assert parse_param("model_options.depth", {"low": 10, "high": 22, "step": 6}).values() == [10, 16, 22]
     long = parse_param("epochs", {"low": 1, "high": 100_000}).values()
@@ -253,7 +253,7 @@ def test_an_even_int_grid_passes_and_a_long_int_range_is_sampled_not_skipped():
 
 
 def test_an_exit_objective_on_a_missing_exit_is_one_line_not_stopiteration():
-    from byot.tune.spec import Objective
+    from byot.jobs.tune.spec import Objective
 
     with pytest.raises(ByotError, match="no exit 1"):
         Objective("exit", 1).epoch_value({"exits": [{"exit": 2, "top1": 3.0}], "ensemble": {"top1": 1.0}})

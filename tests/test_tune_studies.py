@@ -21,8 +21,8 @@ optuna = pytest.importorskip("optuna", reason="byot tune needs the tune extra (p
 from test_tune import write_tune
 
 from byot.cli import main
+from byot.jobs.tune.study import STATE, counted, open_storage
 from byot.runs.runfiles import read_metrics
-from byot.tune.study import STATE, counted, open_storage
 
 # --- whole studies of real byot train processes --------------------------------------------------------
 

@@ -6,8 +6,8 @@ import json
 from collections import Counter
 
 from byot.data import stratified_holdout
-from byot.engine import fit as run_fit
-from byot.engine.resolve import resolve_config
+from byot.training import fit as run_fit
+from byot.training.resolve import resolve_config
 
 
 def test_holdout_is_stratified_disjoint_and_seeded():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.5.0"
+from byot.version import __version__
 
 # torch is imported on first use of these names, not by ``import byot``: the command line stays able to
 # turn a Ctrl-C during that import into one line

@@ -20,12 +20,12 @@ from torch import nn
 from byot.config import TrainConfig
 from byot.deploy.policy import ExitPolicy
 from byot.deploy.run import fitted_for, resolve_policy
-from byot.engine.build import build_trained, weights_name
-from byot.engine.evaluate import accuracies, exit_hits
-from byot.engine.resolve import resolve_config
-from byot.engine.runtime import resolve_device
 from byot.errors import ByotError
 from byot.models import MultiExitNet
+from byot.training.build import build_trained, weights_name
+from byot.training.evaluate import accuracies, exit_hits
+from byot.training.resolve import resolve_config
+from byot.training.runtime import resolve_device
 
 log = logging.getLogger("byot")
 

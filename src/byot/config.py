@@ -176,7 +176,7 @@ class TrainConfig:
                               range=Range(0))
     # speed (none of these changes what is learned beyond rounding)
     amp: str = opt("auto", "run", "mixed precision (default auto: bf16 on GPUs and CPUs that run it natively, fp16 "
-                   "on older GPUs, else off)", choices=("auto", "bf16", "fp16", "off"))  # byot.engine.runtime
+                   "on older GPUs, else off)", choices=("auto", "bf16", "fp16", "off"))  # byot.training.runtime
     channels_last: bool = opt(True, "run", "keep NCHW memory format (channels-last is faster on oneDNN CPUs and "
                               "tensor-core GPUs)", flags=("--no-channels-last",), action="store_false")
     compile: bool = opt(False, "run", "torch.compile the model (eager if it fails)", action="store_true")

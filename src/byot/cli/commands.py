@@ -41,11 +41,11 @@ def _setup_logging(progress_bar: bool, quiet: bool = False) -> None:
 
 
 def _run_training(given: dict[str, Any], config_file: str | None, overwrite: bool, allow_changes: bool = False) -> int:
-    from byot.engine.distributed import launched_by_torchrun
-    from byot.engine.fit import fit
-    from byot.engine.resolve import resolve_config
     from byot.runs.rundir import LATEST
     from byot.runs.signals import Interrupted, handle_signals, signal_name
+    from byot.training.distributed import launched_by_torchrun
+    from byot.training.fit import fit
+    from byot.training.resolve import resolve_config
 
     main_process = launched_by_torchrun().is_main  # under torchrun only rank 0 logs, prints and writes
     show_bar = given.get("progress", True) and sys.stderr.isatty() and main_process
@@ -104,7 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from byot.engine.testing import test_checkpoint
+    from byot.jobs.testing import test_checkpoint
 
     cfg, checkpoint = _trained(args, "json", "per_class")
     per_class = getattr(args, "per_class", False)
@@ -117,7 +117,7 @@ def cmd_test(args: argparse.Namespace) -> int:
           f"checkpoint epoch {result['epoch']}{weights}, evaluated in {result['precision']}")
     print(format_table(result["exits"], result["ensemble"], result["exits"]))
     if per_class:
-        from byot.engine.reports import format_per_class
+        from byot.jobs.reports import format_per_class
 
         print(format_per_class(result["per_class"], [e["exit"] for e in result["exits"]], result["class_counts"]))
         print("wrote " + ", ".join(result["confusion_files"]))
@@ -127,7 +127,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Exit 0 when every run finished, 1 when some failed (their logs are named)."""
-    from byot.sweep import format_results, load_sweep, run_sweep, summarise, write_results
+    from byot.jobs.sweep import format_results, load_sweep, run_sweep, summarise, write_results
 
     _setup_logging(False)
     sweep = load_sweep(args.config, {"data_dir": args.data_dir} if args.data_dir else None)
@@ -155,8 +155,8 @@ TUNE_SETTINGS = ("trials", "storage", "study_name", "out", "jobs", "objective", 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Exit 0 when the study has its trials, 130 / 143 when a signal stopped it (rerun to continue)."""
-    from byot.tune.report import format_summary, write_outputs
-    from byot.tune.study import load_existing, open_storage
+    from byot.jobs.tune.report import format_summary, write_outputs
+    from byot.jobs.tune.study import load_existing, open_storage
 
     _setup_logging(False)
     settings = {k: getattr(args, k, None) for k in TUNE_SETTINGS}
@@ -172,7 +172,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         + ", ".join("--" + k.replace("_", "-") for k in sorted(given)))
     tune = None
     if settings["config"]:
-        from byot.tune.spec import load_tune, replace_name
+        from byot.jobs.tune.spec import load_tune, replace_name
 
         tune = replace_name(load_tune(settings["config"], given, {k: settings[k] for k in (
             "trials", "objective", "budget_flops", "max_drop", "pruner", "sampler", "sampler_seed")}),
@@ -180,8 +180,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     elif not settings["summary"]:
         raise ByotError("byot tune needs a tune file (TUNE.yaml), or --summary --storage URL")
     name = tune.name if tune else settings["study_name"]
+    from byot.jobs.tune.study import check_study_folder
     from byot.runs.trainchild import slug
-    from byot.tune.study import check_study_folder
 
     storage_text = settings["storage"] or (f"runs/tune/{slug(name)}.db" if name else None)
     if storage_text is None:
@@ -191,9 +191,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         check_study_folder(_study_folder(settings["out"], storage_text, tune.name), storage_text)
     storage = open_storage(storage_text, create=not settings["summary"])
     if training:
+        from byot.jobs.tune.runner import run_study
         from byot.runs.children import StoppedBySignal
         from byot.runs.signals import signal_name
-        from byot.tune.runner import run_study
 
         try:
             study = run_study(tune, storage, _study_folder(settings["out"], storage_text, tune.name), settings["jobs"])
@@ -217,8 +217,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def _study_folder(out: str | None, storage: str, name: str) -> Path:
     """--out, or a folder named after the study beside the storage file (runs/tune/NAME for a server)."""
+    from byot.jobs.tune.study import storage_file, storage_url
     from byot.runs.trainchild import slug
-    from byot.tune.study import storage_file, storage_url
 
     if out:
         return Path(out).expanduser().resolve()
@@ -235,8 +235,8 @@ def _trained(args: argparse.Namespace, *drop: str) -> tuple[TrainConfig, dict]:
     """The run configuration and checkpoint of a command that works on a trained model; its --ema (run the
     weight average) is no training option, so it stays out of the configuration and is checked here, before
     any data is read."""
-    from byot.engine.build import trained_weights
-    from byot.engine.resolve import resolve_config
+    from byot.training.build import trained_weights
+    from byot.training.resolve import resolve_config
 
     _setup_logging(False)
     cfg, checkpoint = resolve_config(_given(args, "ema", *drop), getattr(args, "config_file", None))
@@ -332,7 +332,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from byot.config import check_range
-    from byot.engine.bench import BenchSpec, run_bench, run_variants
+    from byot.jobs.bench import BenchSpec, run_bench, run_variants
 
     for name in ("batch_size", "width", "image_size"):  # the ranges byot train checks, from the same table
         check_range(name, getattr(args, name))

@@ -6,7 +6,7 @@ import argparse
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from byot import __version__
+from byot.version import __version__
 
 if TYPE_CHECKING:
     from byot.config import TrainConfig

@@ -2,7 +2,7 @@
 
 softmax(z / T) keeps every prediction (argmax is unchanged) and only makes the confidences honest, which
 is what an early-exit threshold reads. Everything here works on logits the network produced once
-(``byot.engine.evaluate.collect_logits``); nothing runs the network.
+(``byot.training.evaluate.collect_logits``); nothing runs the network.
 """
 
 from __future__ import annotations

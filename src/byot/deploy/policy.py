@@ -55,7 +55,7 @@ def mean_probs(probs: list[torch.Tensor]) -> torch.Tensor:
 def exit_flops(costs: list[dict], thresholds: torch.Tensor, final: str) -> torch.Tensor:
     """FLOPs per image of a sample that leaves at each exit, for every row of ``thresholds`` (M, S): (M, E).
 
-    ``costs`` is ``byot.engine.cost.exit_costs``. Leaving at exit e pays the stem, stages 1..e, head e and
+    ``costs`` is ``byot.models.cost.exit_costs``. Leaving at exit e pays the stem, stages 1..e, head e and
     every earlier head that was evaluated: a shallow head runs unless its threshold is above 1 (it can
     never answer) and the final answer is the deepest exit (the ensemble reads every head).
     """

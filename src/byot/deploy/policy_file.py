@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from byot import __version__
-from byot.engine.checkpoint import (
+from byot.errors import ByotError, describe_os_error
+from byot.training.checkpoint import (
     DIGEST,
     OPTIONAL_FIELDS,
     file_sha256,
     unchanged_checkpoint,
     write_text_atomic,
 )
-from byot.errors import ByotError, describe_os_error
+from byot.version import __version__
 
 log = logging.getLogger("byot")
 

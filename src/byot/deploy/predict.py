@@ -14,9 +14,9 @@ from byot.config import TrainConfig
 from byot.data.folder import IMAGE_EXTENSIONS, resize_center_crop, to_rgb, to_uint8_tensor
 from byot.deploy.cascade import EarlyExitNet
 from byot.deploy.run import fitted_for, resize_ratio, resolve_policy
-from byot.engine.build import build_trained
-from byot.engine.runtime import resolve_device
 from byot.errors import ByotError
+from byot.training.build import build_trained
+from byot.training.runtime import resolve_device
 
 log = logging.getLogger("byot")
 

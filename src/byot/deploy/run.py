@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from byot import __version__
 from byot.config import TrainConfig
 from byot.data import NORMALIZATION, DataBundle
 from byot.data.folder import RESIZE_RATIO
@@ -25,18 +24,19 @@ from byot.deploy.export import ExitNetwork, export
 from byot.deploy.plots import write_curve
 from byot.deploy.policy import NEVER, ExitPolicy, exit_flops, fit_thresholds, policy_stats, sweep
 from byot.deploy.policy_file import Fitted, read_fitted, store_fitted
-from byot.engine.build import (
+from byot.errors import ByotError
+from byot.models import MultiExitNet
+from byot.models.cost import exit_costs
+from byot.training.build import (
     build_trained,
     check_checkpoint_fits,
     checkpoint_normalization,
     load_data,
     weights_name,
 )
-from byot.engine.cost import exit_costs
-from byot.engine.evaluate import collect_logits
-from byot.engine.runtime import Runtime, resolve_device
-from byot.errors import ByotError
-from byot.models import MultiExitNet
+from byot.training.evaluate import collect_logits
+from byot.training.runtime import Runtime, resolve_device
+from byot.version import __version__
 
 log = logging.getLogger("byot")
 

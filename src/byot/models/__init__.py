@@ -12,7 +12,8 @@ from byot.models import (  # noqa: F401  (register)  # noqa: F401  (timm/NAME, t
 )
 from byot.models.attach import AttachedNet, HookedExits, attach_exits
 from byot.models.base import MultiExitNet, MultiExitOutput, StageShape
-from byot.models.registry import create_model, family_options, list_models, model_spec, register_model
+from byot.models.factory import create_model
+from byot.models.registry import family_options, list_models, model_spec, register_model
 from byot.models.resnet import MultiExitResNet, resolve_stem
 
 __all__ = [

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from byot.errors import ByotError
+from byot.models.exits import deepest_head, head_builder
+from byot.models.shapes import ExitOptions, StageShape, output_shape
 
-if TYPE_CHECKING:
-    from byot.models.registry import ExitOptions
+__all__ = ["ExitOptions", "MultiExitNet", "MultiExitOutput", "StageShape", "output_shape"]
 
 # Residual blocks a network may have: the deepest published CIFAR ResNet (1202 layers) has 600; a typo such as
 # depth=6000004 would otherwise build for minutes before anything is said
@@ -45,27 +45,6 @@ class MultiExitOutput(NamedTuple):
 
     logits: list[torch.Tensor]  # each (B, num_classes)
     features: list[torch.Tensor]  # each (B, C_last): pooled features the hint loss compares
-
-
-@dataclass(frozen=True)
-class StageShape:
-    """A stage's output for one image: a (channels, height, width) map (``layout="nhwc"`` where the stage
-    hands it on channels-last, as Swin's do), or for a transformer's (B, N, C) tokens ``layout="tokens"``
-    with height = N tokens and width 1."""
-
-    channels: int
-    height: int
-    width: int
-    layout: str = "nchw"  # "nchw", "nhwc" or "tokens"
-
-
-def output_shape(x: torch.Tensor, layout: str = "nchw") -> StageShape:
-    """The StageShape of a stage's (1, C, H, W) map, (1, H, W, C) map (``layout="nhwc"``) or (1, N, C) tokens."""
-    if x.dim() == 3:
-        return StageShape(x.shape[2], x.shape[1], 1, "tokens")
-    if layout == "nhwc":
-        return StageShape(x.shape[3], x.shape[1], x.shape[2], "nhwc")
-    return StageShape(x.shape[1], x.shape[2], x.shape[3])
 
 
 class Step(NamedTuple):
@@ -184,7 +163,6 @@ class MultiExitNet(nn.Module):
         ``natural``: the family's default exit stages (default every stage but the last); ``build_head``: its
         own shallow-head builder (default the one ``common.head`` names); ``deepest``: its own deepest head, a
         module mapping the last stage's output to (logits, feature) (default global pool + linear)."""
-        from byot.models.exits import deepest_head, head_builder  # (exits.py builds on StageShape, below)
 
         self.stages = nn.ModuleList(stages)
         exits = resolve_exits(common.exits, len(stages), natural)

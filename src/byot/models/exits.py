@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from byot.errors import ByotError
-from byot.models.base import StageShape
+from byot.models.shapes import StageShape
 
 
 def fp32_logits(fc: nn.Linear, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

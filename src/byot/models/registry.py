@@ -15,26 +15,14 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from byot.errors import ByotError
 from byot.models.base import MultiExitNet
+from byot.models.shapes import ExitOptions
 from byot.values import convert
 
 logger = logging.getLogger("byot")
-
-
-@dataclass(frozen=True)
-class ExitOptions:
-    """What every family takes besides its own spec: the classes, the input size the heads are sized for,
-    where the shallow exits go and which kind they are."""
-
-    num_classes: int = 100
-    image_size: int = 32  # px; sizes the heads (a dry forward of the trunk at this size)
-    exits: bool | tuple[int, ...] = True  # True: the family's natural stages; False: the plain backbone
-    head: str = "bottleneck"  # shallow classifiers: "bottleneck" (ICCV 2019) or "attention" (TPAMI 2021)
-    legacy_attention: bool = False  # attention masks as byot wrote them before 0.2 (old checkpoints only)
 
 
 @dataclass(frozen=True)
@@ -163,34 +151,6 @@ def parse_exits(text: str | Sequence[int] | None) -> bool | tuple[int, ...]:
         except ValueError as e:
             raise ByotError(f"--exits {text!r}: give stage numbers separated by commas, e.g. 1,2,3") from e
     return tuple(text)
-
-
-def create_model(name: str, num_classes: int = 100, image_size: int = 32, exits: bool | Sequence[int] = True,
-                 head: str = "bottleneck", legacy_attention: bool = False, pretrained: str | Path | None = None,
-                 **options: Any) -> MultiExitNet:
-    """Build the registered architecture ``name``: a model mapping (B, 3, image_size, image_size) normalised
-    images to ``MultiExitOutput`` (each exit's (B, num_classes) logits and pooled features, shallow to deep).
-
-    ``exits``: True (shallow heads after the family's natural stages), False (the plain backbone: only its
-    own head) or the stage numbers that get a shallow head. ``image_size`` (px) sizes the heads (and picks
-    the stem where a family has ``stem="auto"``). ``options`` are the family's (``family_options(name)``):
-    e.g. ``width`` and ``stem`` for the ResNets, ``depth`` and ``widen`` for the WideResNets.
-
-    ``pretrained``: None keeps the fresh initialisation; a path loads a local state dict (torch or
-    safetensors) into the backbone, as ``byot train --pretrained PATH`` does: torchvision ResNet weights into
-    the ResNet family (width 64), the library's own weights into ``timm/NAME`` and ``tv/NAME``; "imagenet"
-    fetches the library's pretrained weights. The classifier and the shallow exits start fresh where their
-    shapes differ; a file that does not fit the backbone is a ByotError. A library model's weights expect its
-    own normalisation: ``model.normalization`` (mean, std) where it has one.
-    """
-    if num_classes < 1 or image_size < 1:
-        raise ByotError(f"num_classes and image_size must be positive (got {num_classes}, {image_size})")
-    model = build_from_spec(name, model_spec(name, options), exits, num_classes, image_size, head, legacy_attention)
-    if pretrained is not None:
-        from byot.models.pretrained import describe_load, load_pretrained  # (it builds on the families)
-
-        logger.info("%s", describe_load(load_pretrained(model, pretrained)))
-    return model
 
 
 def build_from_spec(name: str, spec: Any, exits: bool | Sequence[int] = True, num_classes: int = 2,

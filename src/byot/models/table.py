@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from byot.models.cost import exit_costs
-from byot.models.registry import create_model, list_models, model_entry
+from byot.models.factory import create_model
+from byot.models.registry import list_models, model_entry
 
 
 def model_rows(num_classes: int = 100, image_size: int = 32, head: str = "bottleneck",

@@ -1,4 +1,4 @@
-"""A study's settings: the tune file (``byot.tune.space``) with the command line over it, checked whole
+"""A study's settings: the tune file (``byot.jobs.tune.space``) with the command line over it, checked whole
 before anything is opened or trained."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 from byot.config import Key, TrainConfig, check_shape, load_yaml
 from byot.errors import ByotError
+from byot.jobs.tune.space import Param, check_space, model_values, parse_space
 from byot.runs.trainchild import UNCOMPARED, slug
-from byot.tune.space import Param, check_space, model_values, parse_space
 
 OBJECTIVES = ("deepest", "exit:N", "ensemble", "early-exit")
 PRUNERS = ("median", "hyperband", "successive-halving", "none")

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from byot.data import Batches
-from byot.engine.distributed import all_reduce_sum, distributed
-from byot.engine.faults import fault_point
-from byot.engine.runtime import Runtime
+from byot.runs.faults import fault_point
+from byot.training.distributed import all_reduce_sum, distributed
+from byot.training.runtime import Runtime
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:

@@ -16,11 +16,11 @@ from torch import nn
 from byot.config import CHOICES
 from byot.data import Batches
 from byot.data.augment import Targets, hard_labels
-from byot.engine.distributed import all_reduce_max, all_reduce_sum
-from byot.engine.faults import fault_point
-from byot.engine.runtime import Runtime
 from byot.errors import ByotError
 from byot.losses import SelfDistillLoss, mean_feature_weight, term_kind
+from byot.runs.faults import fault_point
+from byot.training.distributed import all_reduce_max, all_reduce_sum
+from byot.training.runtime import Runtime
 
 log = logging.getLogger("byot.train")
 

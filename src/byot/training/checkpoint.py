@@ -15,11 +15,11 @@ from typing import IO, Any
 
 import torch
 
-from byot import __version__
-from byot.engine.faults import fault_point, reached
-from byot.engine.reference import convert_reference, is_reference_checkpoint
-from byot.engine.rundir import stale_temporaries, write_lock
 from byot.errors import ByotError, describe_os_error
+from byot.runs.faults import fault_point, reached
+from byot.runs.rundir import stale_temporaries, write_lock
+from byot.training.reference import convert_reference, is_reference_checkpoint
+from byot.version import __version__
 
 FORMAT_PREFIX = "byot-checkpoint-"
 FORMAT = FORMAT_PREFIX + "v1"  # raised when the layout of a checkpoint changes incompatibly

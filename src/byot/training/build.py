@@ -16,15 +16,15 @@ from byot.config import (
 from byot.data import NORMALIZATION, DataBundle, Shard, build_data
 from byot.data.augment import AugmentedBatches, AugmentSpec
 from byot.data.batches import ONE_PROCESS
-from byot.engine.runtime import (
-    Runtime,
-    evaluation_runtime,
-    make_runtime,
-)
 from byot.errors import ByotError
 from byot.losses import SelfDistillLoss, mean_feature_weight
 from byot.models import MultiExitNet, create_model
 from byot.models.registry import parse_exits
+from byot.training.runtime import (
+    Runtime,
+    evaluation_runtime,
+    make_runtime,
+)
 
 log = logging.getLogger("byot")
 

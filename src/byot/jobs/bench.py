@@ -20,13 +20,13 @@ from byot.data import NORMALIZATION, Batches
 from byot.data.augment import AugmentedBatches, AugmentSpec
 from byot.data.batches import TensorBatches
 from byot.data.images import ImageSet
-from byot.engine.runtime import Runtime, build_optimizer, compile_model, make_runtime, resolve_device
-from byot.engine.train import train_step
 from byot.errors import ByotError
 from byot.losses import SelfDistillLoss
 from byot.models import MultiExitNet, create_model
 from byot.models.cost import exit_costs
 from byot.models.library import LibraryNet
+from byot.training.runtime import Runtime, build_optimizer, compile_model, make_runtime, resolve_device
+from byot.training.train import train_step
 
 
 @dataclass(frozen=True)

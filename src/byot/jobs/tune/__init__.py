@@ -6,9 +6,9 @@ Pruners stop bad trials on their per-epoch validation accuracy. The study lives 
 (SQLite, PostgreSQL or MySQL through SQLAlchemy, or a journal file), so a study continues where it was
 stopped, on several machines at once, and ``optuna-dashboard STORAGE`` shows it.
 
-- ``byot.tune.space``: the search space and its checks; ``byot.tune.spec``: the tune file and objective;
-- ``byot.tune.study``: storage, sampler, pruner, and which trials count or are retried;
-- ``byot.tune.runner``: the workers and one trial's child process; ``byot.tune.report``: summary, best.yaml,
+- ``byot.jobs.tune.space``: the search space and its checks; ``byot.jobs.tune.spec``: the tune file and objective;
+- ``byot.jobs.tune.study``: storage, sampler, pruner, and which trials count or are retried;
+- ``byot.jobs.tune.runner``: the workers and one trial's child process; ``byot.jobs.tune.report``: summary, best.yaml,
   trials.csv, plots and the one test evaluation.
 """
 

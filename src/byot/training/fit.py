@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from byot import __version__
 from byot.config import (
     EXTENDABLE,
     TrainConfig,
@@ -27,46 +26,6 @@ from byot.config import (
 )
 from byot.data import DataBundle
 from byot.data.augment import describe as describe_augment
-from byot.engine.build import (
-    augment_spec,
-    build_loss,
-    build_model,
-    check_checkpoint_fits,
-    check_single_sample_batches,
-    load_data,
-    load_model_state,
-)
-from byot.engine.checkpoint import (
-    load_checkpoint,
-    remove_stale_temporaries,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
-from byot.engine.distributed import (
-    SINGLE,
-    DistContext,
-    barrier,
-    convert_sync_batchnorm,
-    init_distributed,
-    launched_by_torchrun,
-    per_process_batch_note,
-    shutdown,
-    wrap_ddp,
-)
-from byot.engine.ema import WeightAverage
-from byot.engine.evaluate import evaluate
-from byot.engine.resolve import recorded_changes
-from byot.engine.runtime import (
-    Runtime,
-    build_optimizer,
-    compile_model,
-    evaluation_runtime,
-    make_runtime,
-    precision_name,
-    resolve_device,
-)
-from byot.engine.train import NonFiniteGuard, lr_at, train_one_epoch
 from byot.errors import ByotError, describe_os_error
 from byot.losses import SelfDistillLoss, describe_loss
 from byot.models import MultiExitNet
@@ -84,6 +43,47 @@ from byot.runs.runfiles import (
     write_tensorboard,
 )
 from byot.runs.signals import critical_section
+from byot.training.build import (
+    augment_spec,
+    build_loss,
+    build_model,
+    check_checkpoint_fits,
+    check_single_sample_batches,
+    load_data,
+    load_model_state,
+)
+from byot.training.checkpoint import (
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from byot.training.distributed import (
+    SINGLE,
+    DistContext,
+    barrier,
+    convert_sync_batchnorm,
+    init_distributed,
+    launched_by_torchrun,
+    per_process_batch_note,
+    shutdown,
+    wrap_ddp,
+)
+from byot.training.ema import WeightAverage
+from byot.training.evaluate import evaluate
+from byot.training.resolve import recorded_changes
+from byot.training.runtime import (
+    Runtime,
+    build_optimizer,
+    compile_model,
+    evaluation_runtime,
+    make_runtime,
+    precision_name,
+    resolve_device,
+)
+from byot.training.train import NonFiniteGuard, lr_at, train_one_epoch
+from byot.version import __version__
 
 log = logging.getLogger("byot")
 

@@ -239,7 +239,7 @@ def check_space(params: tuple[Param, ...], base: dict[str, Any], fixed_by: dict[
 
 def check_runnable(cfg: TrainConfig) -> None:
     """What a config needs of this machine before a trial starts: its device and precision, and its files."""
-    from byot.engine.runtime import resolve_amp, resolve_device
+    from byot.training.runtime import resolve_amp, resolve_device
 
     logging.disable(logging.WARNING)  # a slow-precision note is for the trial's log, not once per value
     try:

@@ -15,13 +15,10 @@ from typing import Any
 
 from byot.config import TrainConfig, build_config
 from byot.errors import ENVIRONMENT_EXIT, ByotError
-from byot.runs.children import ChildStopper, StoppedBySignal, appended_log, start_child
-from byot.runs.runfiles import read_metrics
-from byot.runs.trainchild import child_command, plan_run, write_options
-from byot.tune import optuna_module
-from byot.tune.space import with_params
-from byot.tune.spec import Tune
-from byot.tune.study import (
+from byot.jobs.tune import optuna_module
+from byot.jobs.tune.space import with_params
+from byot.jobs.tune.spec import Tune
+from byot.jobs.tune.study import (
     HEARTBEAT_SECONDS,
     MAX_KILLS,
     STATE,
@@ -36,6 +33,9 @@ from byot.tune.study import (
     surplus,
     this_worker,
 )
+from byot.runs.children import ChildStopper, StoppedBySignal, appended_log, start_child
+from byot.runs.runfiles import read_metrics
+from byot.runs.trainchild import child_command, plan_run, write_options
 
 log = logging.getLogger("byot")
 
@@ -269,8 +269,8 @@ def _values(w: Workers, cfg: TrainConfig, records: list[dict]) -> tuple[list[flo
     import torch
 
     from byot.deploy.run import fit_on_validation
-    from byot.engine.resolve import resolve_config
     from byot.runs.rundir import BEST
+    from byot.training.resolve import resolve_config
 
     torch.set_num_threads(w.threads)
     trained, checkpoint = resolve_config({"resume": str(cfg.run_dir / BEST), "workers": 0, "final_test": False})

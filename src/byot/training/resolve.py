@@ -17,11 +17,11 @@ from byot.config import (
     learning_changes,
     load_yaml,
 )
-from byot.engine.checkpoint import (
-    load_checkpoint,
-)
 from byot.errors import ByotError
 from byot.runs.rundir import LATEST, PREVIOUS
+from byot.training.checkpoint import (
+    load_checkpoint,
+)
 
 log = logging.getLogger("byot")
 

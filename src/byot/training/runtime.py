@@ -164,7 +164,7 @@ def make_runtime(device: torch.device, mean: tuple, std: tuple, amp: str, channe
     (see above: only backward passes crashed, so inference keeps it)."""
     if channels_last and training and not channels_last_is_safe(model, device):
         log.info("channels_last off: this net's narrow layers crash torch's oneDNN in channels-last on CPUs "
-                 "(see byot.engine.runtime.channels_last_is_safe)")
+                 "(see byot.training.runtime.channels_last_is_safe)")
         channels_last = False
     return Runtime(device, torch.tensor(mean, device=device), torch.tensor(std, device=device),
                    resolve_amp(amp, device), channels_last)

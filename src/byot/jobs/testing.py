@@ -10,14 +10,14 @@ from typing import Any
 from byot.config import (
     TrainConfig,
 )
-from byot.engine.build import build_trained, check_checkpoint_fits, load_data, weights_name
-from byot.engine.evaluate import evaluate
-from byot.engine.reports import class_counts, per_class_table, write_confusion
-from byot.engine.runtime import (
+from byot.jobs.reports import class_counts, per_class_table, write_confusion
+from byot.models.cost import exit_costs
+from byot.training.build import build_trained, check_checkpoint_fits, load_data, weights_name
+from byot.training.evaluate import evaluate
+from byot.training.runtime import (
     precision_name,
     resolve_device,
 )
-from byot.models.cost import exit_costs
 
 log = logging.getLogger("byot")
 

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from byot.errors import ByotError, describe_os_error
+from byot.jobs.tune import optuna_module
+from byot.jobs.tune.spec import Tune
 from byot.runs.atomic import write_text_atomic
 from byot.runs.rundir import pid_alive
-from byot.tune import optuna_module
-from byot.tune.spec import Tune
 
 log = logging.getLogger("byot")
 

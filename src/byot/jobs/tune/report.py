@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 
 from byot.errors import ByotError, describe_os_error
+from byot.jobs.tune import optuna_module
+from byot.jobs.tune.space import with_params
+from byot.jobs.tune.study import IDENTITY, MACHINE, STATE, STUDY_ID, counted
 from byot.runs.atomic import write_text_atomic
 from byot.runs.rundir import BEST
-from byot.tune import optuna_module
-from byot.tune.space import with_params
-from byot.tune.study import IDENTITY, MACHINE, STATE, STUDY_ID, counted
 
 log = logging.getLogger("byot")
 
@@ -192,9 +192,9 @@ def _sha256(path: Path) -> str:
 
 
 def _test(study: Any, trial: Any, checkpoint: Path, multi: bool) -> dict[str, Any]:
-    from byot.engine.checkpoint import DIGEST
-    from byot.engine.resolve import resolve_config
-    from byot.engine.testing import test_checkpoint
+    from byot.jobs.testing import test_checkpoint
+    from byot.training.checkpoint import DIGEST
+    from byot.training.resolve import resolve_config
 
     cfg, state = resolve_config({"resume": str(checkpoint), "workers": 0, "final_test": False})
     log.info("trial %d: evaluating the test split once, with %s", trial.number, checkpoint)
