@@ -180,7 +180,7 @@ def _count(v: Any, least: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
-# field -> (what it must be, check); every byot run writes each of these (see engine.fit._checkpoint_state)
+# field -> (what it must be, check); every byot run writes each of these (see byot.training.session.checkpoint_state)
 REQUIRED_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "arch": ("a string", lambda v: isinstance(v, str)),
     "num_classes": ("an integer >= 1", lambda v: _count(v, 1)),
