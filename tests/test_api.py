@@ -174,10 +174,10 @@ def test_early_exit_on_an_attached_model_is_the_simulated_policy(name, digits):
 def test_a_module_that_is_not_a_chain_gets_hooks_and_early_exit_refuses_in_one_line(digits):
     _, net = _attached("skip_cnn")
     assert isinstance(net, HookedExits)
-    early = EarlyExitNet(net, ExitPolicy((0.5, 0.5)))
-    with pytest.raises(ByotError) as refused:
-        early(digits["test_x"][:4])
+    with pytest.raises(ByotError) as refused:  # refused when the cascade is built, not at its first batch
+        EarlyExitNet(net, ExitPolicy((0.5, 0.5)))
     assert "\n" not in str(refused.value) and "stages" in str(refused.value)
+    assert net(digits["test_x"][:4]).logits[-1].shape == (4, 10)  # the model itself still runs
     with pytest.raises(ByotError, match="stages"):
         exit_costs(net, SIZE)
     with pytest.raises(ByotError, match="not a chain|more than run its modules"):

@@ -34,6 +34,7 @@ class EarlyExitNet(nn.Module):
         if len(policy.thresholds) != model.num_exits - 1:
             raise ByotError(f"the model has {model.num_exits} exits: the policy needs {model.num_exits - 1} "
                             f"thresholds, got {len(policy.thresholds)}")
+        model.path()  # a model that cannot be walked stage by stage (attach_exits' hooks) says so now, in one line
         self.model, self.policy = model.eval(), policy
 
     @torch.inference_mode()
