@@ -167,3 +167,15 @@ def digits_checkpoint(tmp_path_factory) -> Path:
                             "image_size": 16, "save_folder": str(root), "progress": False})
     fit(cfg, overwrite=True)
     return root / "multi_resnet18_kd" / "model_best.pth.tar"
+
+
+@pytest.fixture
+def ckpt(digits_checkpoint, tmp_path) -> Path:
+    """A private copy of the trained digits checkpoint in a run folder of its own (commands write their policy
+    file beside it)."""
+    import shutil
+
+    target = tmp_path / "run" / "model_best.pth.tar"
+    target.parent.mkdir()
+    shutil.copy(digits_checkpoint, target)
+    return target

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
@@ -230,12 +229,6 @@ def test_evaluate_exits_on_a_plain_dataloader_counts_as_by_hand(digits):
         byot.evaluate_exits(net, [])
 
 
-@pytest.fixture
-def ckpt(digits_checkpoint, tmp_path) -> Path:
-    target = tmp_path / "run" / "model_best.pth.tar"
-    target.parent.mkdir()
-    shutil.copy(digits_checkpoint, target)
-    return target
 
 
 def test_load_gives_a_ready_model_and_what_it_expects(ckpt):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 import sys
 import warnings
@@ -32,13 +31,6 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "onnx_predict.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def ckpt(digits_checkpoint, tmp_path) -> Path:
-    """A private copy of the trained digits checkpoint (commands write calibration and thresholds beside it)."""
-    target = tmp_path / "run" / "model_best.pth.tar"
-    target.parent.mkdir()
-    shutil.copy(digits_checkpoint, target)
-    return target
 
 
 def _trained(path: Path, amp: str = "off"):

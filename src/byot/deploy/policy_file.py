@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from byot.errors import ByotError, describe_os_error
+from byot.runs.atomic import write_text_atomic
 from byot.training.checkpoint import (
     DIGEST,
     OPTIONAL_FIELDS,
     file_sha256,
     unchanged_checkpoint,
-    write_text_atomic,
 )
 from byot.version import __version__
 

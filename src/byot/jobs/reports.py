@@ -10,12 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from byot.errors import ByotError
+from byot.runs.atomic import write_atomic
 
 logger = logging.getLogger("byot")
 
@@ -134,13 +134,9 @@ def _confusion_csv(counts: torch.Tensor, classes: list[str]) -> str:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_atomic(path, "wb", lambda f: f.write(data))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ByotError(f"cannot write {path}: {e.strerror or e}") from e
 
 

@@ -254,15 +254,10 @@ def _classifier_input(module: nn.Module, classifier: str, x: torch.Tensor) -> to
     except AttributeError as e:
         raise ByotError(f"attach_exits: the module has no submodule {classifier!r} (classifier=)") from e
     hook = target.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    modes = [m.training for m in module.modules()]
     try:
-        module.eval()
-        with torch.no_grad():
-            module(x)
+        _eval_forward(module, x)
     finally:
         hook.remove()
-        for m, mode in zip(module.modules(), modes):
-            m.training = mode
     if len(seen) != 1 or not isinstance(seen[0], torch.Tensor):
         raise ByotError(f"attach_exits: the classifier {classifier!r} must run once per forward on one tensor")
     return seen[0].flatten(1)

@@ -16,6 +16,7 @@ from typing import IO, Any
 import torch
 
 from byot.errors import ByotError, describe_os_error
+from byot.runs.atomic import write_atomic
 from byot.runs.faults import fault_point, reached
 from byot.runs.rundir import stale_temporaries, write_lock
 from byot.training.reference import convert_reference, is_reference_checkpoint
@@ -70,32 +71,6 @@ def _torch_save(obj: Any, f: IO) -> None:
         raise
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path``'s contents with ``text`` so that a crash leaves the old contents or the new."""
-    try:
-        _write_atomic(path, "w", lambda f: f.write(text))
-    except OSError as e:
-        raise ByotError(f"could not write {path}: {describe_os_error(e)}; its previous contents are intact") from e
-
-
-def _write_atomic(path: Path, mode: str, write: Callable[[IO], Any],
-                  before_rename: Callable[[], None] | None = None) -> None:
-    """``write`` into a temporary file beside ``path``, sync it, rename it over ``path``, sync the folder.
-    The temporary file (``.NAME.tmp-PID``) never outlives the call."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-        _sync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _keep_as(path: Path, previous: Path) -> None:
     """``previous`` becomes a copy of ``path`` (a hard link where the file system has them) atomically."""
     staged = previous.with_name(f".{previous.name}.tmp-{os.getpid()}")
@@ -105,20 +80,6 @@ def _keep_as(path: Path, previous: Path) -> None:
     except OSError:
         shutil.copy2(path, staged)
     os.replace(staged, previous)
-
-
-def _sync_dir(folder: Path) -> None:
-    """Make the renames durable (a power cut after rename could otherwise lose them)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on folders; the rename itself stays atomic
-    finally:
-        os.close(fd)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -277,7 +238,7 @@ def _save_locked(state: dict[str, Any], path: Path, previous: Path | None = None
             _keep_as(path, previous)
 
     try:
-        _write_atomic(path, "wb", lambda f: _torch_save({"format": FORMAT, **state}, f), before_rename)
+        write_atomic(path, "wb", lambda f: _torch_save({"format": FORMAT, **state}, f), before_rename)
     except OSError as e:
         raise ByotError(f"could not write checkpoint {path}: {describe_os_error(e)}; the previous file is "
                         "intact") from e
