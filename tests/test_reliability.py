@@ -327,3 +327,26 @@ def test_a_cut_test_result_is_redone_on_resume(tmp_path, reference):
     proc = byot_train(tmp_path, "--resume", str(tmp_path / ARCH / "checkpoint_latest.pth.tar"))
     assert proc.returncode == 0, proc.stderr
     assert results(tmp_path) == reference
+
+
+def test_a_child_whose_parent_dies_hears_of_it_even_without_the_kernels_signal(tmp_path):
+    """The watcher thread alone (the kernel's parent-death signal switched off) sends the SIGHUP."""
+    heard = tmp_path / "heard"
+    child = (
+        "import os, signal, sys, time\n"
+        "import byot.runs.signals as s\n"
+        "s.die_with_parent = lambda *a: None  # no PR_SET_PDEATHSIG: the watcher must do it\n"
+        "s.PARENT_POLL_SECONDS = 0.05\n"
+        f"signal.signal(signal.SIGHUP, lambda *a: (open({str(heard)!r}, 'w').write('hup'), sys.exit(0)))\n"
+        "s.stop_with_parent_if_asked()\n"
+        "time.sleep(30)\n")
+    middle = (  # starts the child, then ends at once: the child is orphaned
+        "import os, subprocess, sys\n"
+        "env = {**os.environ, 'BYOT_STOP_WITH_PARENT': str(os.getpid())}\n"
+        f"subprocess.Popen([sys.executable, '-c', {child!r}], env=env, start_new_session=True)\n"
+        "import time; time.sleep(1.5)\n")
+    subprocess.run([sys.executable, "-c", middle], check=True, timeout=60)
+    deadline = time.monotonic() + 20
+    while not heard.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert heard.read_text() == "hup"

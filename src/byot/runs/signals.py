@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 
@@ -86,6 +87,22 @@ def stop_with_parent_if_asked() -> None:
     parent = os.environ.pop(STOP_WITH_PARENT, "")
     if parent.isdigit() and PARENT_ENDED is not None:
         die_with_parent(PARENT_ENDED, int(parent))
+        _watch_parent(int(parent))
+
+
+PARENT_POLL_SECONDS = 1.0
+
+
+def _watch_parent(parent: int) -> None:
+    """A second way to learn of the parent's death: a daemon thread that sends SIGHUP once this process's
+    parent is no longer ``parent``. A full suite once saw a child train on for 30 s after its sweep was
+    killed, with no SIGHUP; the kernel's signal and this one count as one stop."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), PARENT_ENDED)
+
+    threading.Thread(target=watch, name="byot-parent-watch", daemon=True).start()
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
