@@ -10,6 +10,7 @@ from typing import Protocol
 
 import torch
 
+from byot.config import DEFAULT_IMAGE_SIZE
 from byot.data.batches import ONE_PROCESS, Shard, TensorBatches, batch_bounds
 from byot.data.cifar import load_cifar
 from byot.data.digits import load_digits
@@ -85,7 +86,7 @@ def build_data(dataset: str, data_dir: str | None, batch_size: int, image_size: 
     mean, std = NORMALIZATION[dataset]
     if dataset == "imagefolder":
         root = _existing_dir(data_dir, dataset)
-        size = image_size or 224
+        size = image_size or DEFAULT_IMAGE_SIZE["imagefolder"]
         train_index = index_folder(find_split(root, ("train",)))
         test_index = index_folder(find_split(root, ("test", "val")), train_index.classes)
         train_index = _preflight(train_index, "training", workers, skip_corrupt)
